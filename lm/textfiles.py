@@ -1,0 +1,163 @@
+"""Finding the user's text files and streaming them as lines of UTF-8 text.
+
+A PATH given on the command line is a file, a folder (every text file in it, recursively, hidden
+ones left out) or a glob pattern. Files named directly must be UTF-8 text; files found while walking
+a folder are kept only if they look like text, so a stray image in `data/` is skipped and reported.
+Files are read in chunks of whole lines, never whole, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.errors import InputError
+
+SNIFF_BYTES = 8192
+# Small chunks keep memory flat: tokenizers' trainer buffers 256 items from a Python iterator at a time.
+CHUNK_BYTES = 1 << 12
+# Longest line kept whole: a file with no newlines is still read in bounded pieces.
+MAX_LINE_CHARS = 1 << 20
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass
+class TextFiles:
+    """The files a set of PATH arguments resolved to, in a stable order."""
+
+    files: list[Path]
+    sizes: list[int]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def find_text_files(specs: Sequence[str | Path]) -> TextFiles:
+    """Resolve files, folders and globs to a list of readable, non-empty UTF-8 text files.
+
+    Raises `InputError` for a path that does not exist, a glob that matches nothing, a named file
+    that is empty or not UTF-8, or when nothing readable is left at all.
+    """
+    if not specs:
+        raise InputError("no input given; pass one or more text files, folders or glob patterns")
+    chosen: dict[Path, None] = {}  # an ordered set: the same file named twice is read once
+    skipped: list[tuple[Path, str]] = []
+    for spec in specs:
+        for path, named in _expand(str(spec)):
+            problem = _text_problem(path)
+            if problem is None:
+                chosen[path] = None
+            elif named:
+                raise InputError(f"{path} {problem}; {_fix_for(problem)}")
+            else:
+                skipped.append((path, problem))
+    if not chosen:
+        raise InputError(f"no text found in {', '.join(map(str, specs))} "
+                         f"({_describe_skips(skipped)}); point at UTF-8 text files")
+    files = list(chosen)
+    return TextFiles(files=files, sizes=[p.stat().st_size for p in files], skipped=skipped)
+
+
+def _expand(spec: str) -> list[tuple[Path, bool]]:
+    """The files one PATH argument stands for, each with whether the user named it directly."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [(path, True)]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+        if not found:
+            raise InputError(f"folder {path} has no files; put text files in it or pass another path")
+        return [(p, False) for p in found]
+    if GLOB_CHARS & set(spec):
+        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+        if not matches:
+            raise InputError(f"no files match {spec}; check the pattern (quote it to stop the shell expanding it)")
+        return [(p, True) for p in matches]
+    if path.exists():
+        raise InputError(f"{path} is not a regular file or folder; pass a text file or a folder of them")
+    raise InputError(f"{path} does not exist; check the path")
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _text_problem(path: Path) -> str | None:
+    """Why `path` is not usable text, judged from its first bytes, or None if it looks fine."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if not head:
+        return "is empty"
+    try:
+        # A character cut by the sniff window's end is not an error, the end of the file is.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError as err:
+        return f"is not UTF-8 text (byte 0x{head[err.start]:02x} at offset {err.start})"
+    if b"\x00" in head:
+        return "looks binary (it contains NUL bytes)"
+    return None
+
+
+def _fix_for(problem: str) -> str:
+    if problem.startswith("is empty"):
+        return "give a file with text in it"
+    if problem.startswith("cannot be read"):
+        return "check its permissions"
+    return "convert it to UTF-8 text or leave it out"
+
+
+def _describe_skips(skipped: list[tuple[Path, str]]) -> str:
+    if not skipped:
+        return "nothing to read"
+    return f"skipped {len(skipped)} file(s), e.g. {skipped[0][0]} {skipped[0][1]}"
+
+
+def iter_text_chunks(files: Sequence[Path], on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Yield the text of `files` in pieces of whole lines, about `CHUNK_BYTES` each.
+
+    Joining the pieces of a file gives its text back exactly (line endings kept). A line longer than
+    `MAX_LINE_CHARS` is cut, so memory stays bounded whatever the input. `on_bytes(n)` is called with
+    the bytes consumed after each read. A UTF-8 byte order mark at a file's start is dropped (it marks
+    the encoding, it is not text). Raises `InputError` naming the file and offset of invalid UTF-8.
+    """
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        offset = 0
+        pending = ""
+        with path.open("rb") as handle:
+            while raw := handle.read(CHUNK_BYTES):
+                try:
+                    text = pending + decoder.decode(raw)
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, offset, err) from None
+                offset += len(raw)
+                if on_bytes is not None:
+                    on_bytes(len(raw))
+                cut = text.rfind("\n") + 1
+                if cut == 0 and len(text) >= MAX_LINE_CHARS:
+                    cut = len(text)
+                if cut:
+                    yield text[:cut]
+                pending = text[cut:]
+            try:
+                pending += decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise InputError(f"{path} ends inside a UTF-8 character; "
+                                 "convert it to UTF-8 text or leave it out") from None
+            if pending:
+                yield pending
+
+
+def _not_utf8(path: Path, offset: int, err: UnicodeDecodeError) -> InputError:
+    # The decoder may hold back a few bytes of an earlier piece, so the offset is exact to within those.
+    bad = err.object[err.start]
+    return InputError(f"{path} is not UTF-8 text (byte 0x{bad:02x} near offset {offset + err.start}); "
+                      "convert it to UTF-8 text or leave it out")
