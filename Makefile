@@ -1,0 +1,54 @@
+# `make demo` and `make test` are all a newcomer needs: each creates .venv and installs what it uses.
+
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first, pinned, so the package's own `torch>=2.4` is already met: pip then takes
+# the build that suits this machine (a CPU wheel where one lies on local disk, PyPI's CUDA build on a
+# Linux GPU box). Point it elsewhere if you need to, for example
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+CORPUS ?= data/shakespeare
+RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+LM := $(BIN)/lm
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test lint bench clean
+
+help:
+	@echo "make demo    fetch Shakespeare, train a tokenizer on it, show how a line splits into tokens"
+	@echo "make test    run the test suite"
+	@echo "make lint    run ruff"
+	@echo "make bench   run the benchmarks in bench/ and print their tables"
+	@echo "make clean   remove .venv, runs/ and caches (the downloaded corpus stays)"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "lm needs Python 3.10 or newer: run make PYTHON=python3.11 (or another)")'
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per set of extras: .installed-dev, .installed-dev,bench. Re-runs when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[$*]"
+	@touch $@
+
+demo: $(VENV)/.installed-dev
+	$(LM) corpus shakespeare --out $(CORPUS)
+	$(LM) train-tokenizer $(CORPUS) --vocab-size 8192 --out $(RUN)/tokenizer.json --force
+	$(LM) tokenize $(RUN)/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed-dev,bench
+	$(LM) corpus shakespeare --out $(CORPUS)
+	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info
