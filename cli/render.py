@@ -37,13 +37,15 @@ def human_bytes(count: float) -> str:
 
 
 def byte_progress() -> Progress:
-    """A transient progress bar counting bytes, drawn on standard error."""
+    """A transient progress bar counting bytes, drawn on standard error when it is a terminal."""
+    console = stderr()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=stderr(),
+        console=console,
         transient=True,
+        disable=not console.is_terminal,  # in logs and pipes a bar is noise (and leaves a blank line)
     )

@@ -45,7 +45,7 @@ def command(
     config = TokenizerConfig(vocab_size=vocab_size, min_frequency=min_frequency,
                              special_tokens=tuple(special_token or ()))
     prepare_output(out, overwrite=force, what="tokenizer")
-    sources = find_text_files(paths)
+    sources = find_text_files(paths, exclude=[out])  # never train on our own earlier output
     with byte_progress() as progress:
         task = progress.add_task("reading", total=sources.total_bytes)
 

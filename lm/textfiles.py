@@ -37,18 +37,22 @@ class TextFiles:
         return sum(self.sizes)
 
 
-def find_text_files(specs: Sequence[str | Path]) -> TextFiles:
+def find_text_files(specs: Sequence[str | Path], exclude: Sequence[Path] = ()) -> TextFiles:
     """Resolve files, folders and globs to a list of readable, non-empty UTF-8 text files.
 
-    Raises `InputError` for a path that does not exist, a glob that matches nothing, a named file
-    that is empty or not UTF-8, or when nothing readable is left at all.
+    `exclude` names files to leave out, such as the command's own output from an earlier run sitting
+    in the folder being read. Raises `InputError` for a path that does not exist, a glob that matches
+    nothing, a named file that is empty or not UTF-8, or when nothing readable is left at all.
     """
     if not specs:
         raise InputError("no input given; pass one or more text files, folders or glob patterns")
+    excluded = {p.resolve() for p in exclude}
     chosen: dict[Path, None] = {}  # an ordered set: the same file named twice is read once
     skipped: list[tuple[Path, str]] = []
     for spec in specs:
         for path, named in _expand(str(spec)):
+            if path.resolve() in excluded:
+                continue
             problem = _text_problem(path)
             if problem is None:
                 chosen[path] = None

@@ -29,10 +29,13 @@ def test_help_lists_every_command() -> None:
     ["--help"],
     ["train-tokenizer", "--help"],
     ["tokenize", "--help"],
+    ["corpus", "--help"],
     ["train-tokenizer", str(SAMPLE), "--vocab-size", "300", "--out", "{tmp}/t.json"],
+    ["tokenize", "{tmp}", "Set the ladder there"],
 ])
-def test_these_commands_never_import_torch(argv: list[str], tmp_path: Path) -> None:
+def test_these_commands_never_import_torch(argv: list[str], tmp_path: Path, sample_tokenizer) -> None:
     # torch takes ~1.7 s to import; commands that do not need it must not pay for it.
+    sample_tokenizer.save(tmp_path / "tokenizer.json")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     probe = (
         "import atexit, sys\n"
@@ -56,6 +59,22 @@ def test_train_tokenizer_end_to_end(tmp_path: Path) -> None:
     size = SAMPLE.stat().st_size
     assert f"1 file, {size / 1000:.2f} kB" in summary
     assert "bytes/token" in summary and "held-out sample" in summary
+
+
+def test_folders_and_globs_from_the_command_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    (corpus / "act1").mkdir(parents=True)
+    (corpus / "act1" / "scene1.txt").write_text(SAMPLE.read_text())
+    (corpus / "act2.md").write_text("A second act, in markdown.\n" * 20)
+    (corpus / "cover.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    result = run_lm("train-tokenizer", corpus, "--vocab-size", "300", "--out", corpus / "tokenizer.json")
+    assert result.returncode == 0, result.stderr
+    assert "2 files" in result.stdout and "skipped 1 that are not text" in result.stdout
+    # A second run over the same folder must not read the tokenizer.json the first one wrote there.
+    again = run_lm("train-tokenizer", corpus, "--vocab-size", "300", "--out", corpus / "tokenizer.json", "--force")
+    assert again.returncode == 0 and "2 files" in again.stdout
+    by_glob = run_lm("train-tokenizer", f"{corpus}/**/*.txt", "--vocab-size", "300", "--out", tmp_path / "g.json")
+    assert by_glob.returncode == 0 and "1 file," in by_glob.stdout
 
 
 def test_train_tokenizer_explains_a_small_vocabulary(tmp_path: Path) -> None:

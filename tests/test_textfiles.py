@@ -28,6 +28,12 @@ def test_folder_is_walked_recursively_in_order_skipping_hidden_and_binary(tmp_pa
     assert {p.name for p, _ in found.skipped} == {"image.png", "empty.txt"}
 
 
+def test_excluded_files_are_left_out(tmp_path: Path) -> None:
+    keep = write(tmp_path / "notes.txt", "words\n")
+    write(tmp_path / "tokenizer.json", '{"model": {}}\n')
+    assert find_text_files([tmp_path], exclude=[tmp_path / "tokenizer.json"]).files == [keep]
+
+
 def test_glob_and_repeats(tmp_path: Path) -> None:
     one = write(tmp_path / "one.txt", "1\n")
     two = write(tmp_path / "sub" / "two.txt", "2\n")
