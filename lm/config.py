@@ -1,0 +1,191 @@
+"""What a model is and how it is trained: two dataclasses, the named presets, and their validation.
+
+`ModelConfig` fixes the architecture (and is saved with the weights: a model cannot be loaded without
+it). `TrainConfig` holds the schedule and the machine settings, which may change when a run resumes.
+A preset pairs the two; command-line options override single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm.errors import UsageError
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only transformer."""
+
+    vocab_size: int = 8192
+    context_length: int = 128  # the longest sequence the model reads (and learned positions cover)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 0  # hidden width of the MLP; 0 picks 4 x d_model (GELU) or ~8/3 x d_model (SwiGLU)
+    pos_encoding: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else _swiglu_width(self.d_model)
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self) -> ModelConfig:
+        """Raise `UsageError` naming the first impossible setting; return self when all is well."""
+        _choice("--pos-encoding", self.pos_encoding, POS_ENCODINGS)
+        _choice("--norm", self.norm, NORMS)
+        _choice("--mlp", self.mlp, MLPS)
+        for flag, value in (("--vocab-size", self.vocab_size), ("--context-length", self.context_length),
+                            ("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--d-model", self.d_model),
+                            ("--d-ff", self.d_ff)):
+            if value < 1:
+                raise UsageError(f"{flag} must be a positive whole number, got {value}")
+        if self.d_model % self.n_head:
+            raise UsageError(f"--n-head {self.n_head} does not divide --d-model {self.d_model}; choose a head "
+                             f"count that does (e.g. {_divisor_near(self.d_model, self.n_head)})")
+        if self.pos_encoding in ("rope", "sinusoidal") and self.d_head % 2:
+            raise UsageError(f"{self.pos_encoding} positions need an even head width, but d_model/n_head = "
+                             f"{self.d_head}; change --d-model or --n-head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """How to train: schedule, batch, optimiser and machine settings."""
+
+    max_steps: int = 2000
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 0  # 0: save at each evaluation
+    sample_tokens: int = 48
+    val_fraction: float = 0.05
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+    def validate(self) -> TrainConfig:
+        _choice("--device", self.device, DEVICES)
+        _choice("--dtype", self.dtype, DTYPES)
+        for flag, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size),
+                            ("--grad-accum", self.grad_accum), ("--eval-every", self.eval_every),
+                            ("--eval-batches", self.eval_batches), ("--log-every", self.log_every)):
+            if value < 1:
+                raise UsageError(f"{flag} must be a positive whole number, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.sample_tokens < 0:
+            raise UsageError("--warmup-steps, --save-every and --sample-tokens cannot be negative")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}; 0.05 is typical")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        return self
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.save_every or self.eval_every
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def preset(name: str) -> Preset:
+    """A fresh copy of a named preset (callers may change its fields)."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], model=dataclasses.replace(PRESETS[name].model),
+                               train=dataclasses.replace(PRESETS[name].train))
+
+
+def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """`config` with the fields in `overrides` that are not None replaced (d_ff re-derived if left at 0)."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(config, ModelConfig) and "d_ff" not in changes and ({"d_model", "mlp"} & changes.keys()):
+        changes["d_ff"] = 0
+    return dataclasses.replace(config, **changes)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build `cls` from saved JSON, ignoring keys a newer or older version of lm may have written."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
+
+
+def _swiglu_width(d_model: int) -> int:
+    # Three matrices instead of two: 8/3 x d keeps the parameter count of a 4 x d GELU MLP. Rounded
+    # up to a multiple of 64, which matrix kernels prefer.
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+def _preset(name: str, description: str, model: dict[str, Any], train: dict[str, Any]) -> Preset:
+    return Preset(name, description, ModelConfig(**model), TrainConfig(**train))
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    _preset("tiny", "the CPU demo: 2-3 minutes on a 2-core CPU",
+            {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 128},
+            {"max_steps": 1000, "batch_size": 8, "lr": 2e-3, "warmup_steps": 50, "eval_every": 200,
+             "eval_batches": 8, "log_every": 20}),
+    _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
+            {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256},
+            {"max_steps": 5000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 200, "eval_every": 500,
+             "eval_batches": 16, "log_every": 25}),
+    _preset("gpt2", "GPT-2 small's shape, for a GPU",
+            {"n_layer": 12, "n_head": 12, "d_model": 768, "context_length": 1024},
+            {"max_steps": 5000, "batch_size": 16, "grad_accum": 4, "lr": 6e-4, "warmup_steps": 200,
+             "eval_every": 500, "eval_batches": 20, "log_every": 10, "compile": True}),
+    _preset("llama", "GPT-2 small's scale, Llama's design (no biases), for a GPU",
+            {"n_layer": 12, "n_head": 12, "d_model": 768, "context_length": 1024, "pos_encoding": "rope",
+             "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+            {"max_steps": 5000, "batch_size": 16, "grad_accum": 4, "lr": 6e-4, "warmup_steps": 200,
+             "eval_every": 500, "eval_batches": 20, "log_every": 10, "compile": True}),
+)}
