@@ -25,7 +25,8 @@ def command(
     texts are extracted (no code in it runs).
     """
     from cli.render import byte_progress, human_bytes, stderr, stdout
-    from lm.corpus import CORPORA, cache_dir, fetch_corpus
+    from lm.cache import cache_dir
+    from lm.corpus import CORPORA, fetch_corpus
     from lm.errors import UsageError
 
     source = CORPORA.get(name)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm.atomic import atomic_open
+from lm.cache import cache_dir
 from lm.errors import DownloadError, InputError, OutputError
 
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
@@ -68,13 +69,6 @@ class Corpus:
     files: int
     bytes: int
     reused: bool  # True when an earlier extraction was found and nothing was done
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept: $LM_CACHE_DIR, else $XDG_CACHE_HOME/lm, else ~/.cache/lm."""
-    if explicit := os.environ.get("LM_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lm"
 
 
 def index_url() -> str:

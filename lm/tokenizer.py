@@ -177,6 +177,10 @@ class Tokenizer:
                 ids.extend(self.hf.encode(part, add_special_tokens=False).ids)
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of several texts at once, in parallel threads (special-token strings are text)."""
+        return [encoding.ids for encoding in self.hf.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text for `ids`; special tokens come back as their strings, so nothing is lost."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
