@@ -16,6 +16,16 @@ from typing import IO
 from lm.errors import OutputError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; finished files get the usual permissions.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def prepare_output(path: Path, *, overwrite: bool, what: str = "output", flag: str = "--force") -> None:
     """Fail early, before any work, if `path` cannot be written: exists, is a folder, or is not writable.
 
@@ -42,6 +52,7 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, FILE_MODE)
         text_args = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
         with os.fdopen(fd, mode, **text_args) as handle:
             yield handle
