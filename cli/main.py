@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import corpus, tokenize_text, train_tokenizer
+from cli import corpus, info, presets, tokenize_text, train, train_tokenizer
 
 app = typer.Typer(
     name="lm",
@@ -16,11 +16,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 app.command("corpus")(corpus.command)
 app.command("train-tokenizer")(train_tokenizer.command)
 app.command("tokenize")(tokenize_text.command)
+app.command("train")(train.command)
+app.command("info")(info.command)
+app.command("presets")(presets.command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,302 @@
+"""`lm train`: train a GPT on text files, with checkpoints, resume and a live progress display."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lm.data import TokenCorpus
+    from lm.textfiles import TextFiles
+    from lm.tokenizer import Tokenizer
+    from lm.train import Evaluation, Trainer, TrainOutcome, TrainUpdate
+
+MODEL = "Model (default: the preset's)"
+TRAIN = "Training (default: the preset's)"
+
+
+def command(
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", metavar="RUN_DIR", show_default=False,
+        help="Run directory: config, weights, tokenizer, checkpoints, metrics.")],
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="PATH", show_default=False,
+        help="Text files, folders or globs; with --resume, defaults to the run's own.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", metavar="FILE", show_default=False,
+        help="A tokenizer.json; without it one is trained on the same text first.")] = None,
+    vocab_size: Annotated[int, typer.Option(
+        "--vocab-size", metavar="N", help="Vocabulary size of the tokenizer trained when --tokenizer is not given.")
+    ] = 8192,
+    preset: Annotated[str, typer.Option(
+        "--preset", "-p", metavar="NAME", help="tiny | small | gpt2 | llama (see `lm presets`).")] = "tiny",
+    resume: Annotated[bool, typer.Option(
+        "--resume", metavar="", help="Continue the run in --out from its last rundir.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", metavar="", help="Replace a run already in --out.")] = False,
+    # Model shape
+    n_layer: Annotated[int | None, typer.Option(
+        "--n-layer", metavar="N", rich_help_panel=MODEL, help="Transformer blocks.")] = None,
+    n_head: Annotated[int | None, typer.Option(
+        "--n-head", metavar="N", rich_help_panel=MODEL, help="Attention heads per block.")] = None,
+    d_model: Annotated[int | None, typer.Option(
+        "--d-model", metavar="N", rich_help_panel=MODEL, help="Width of the residual stream.")] = None,
+    d_ff: Annotated[int | None, typer.Option(
+        "--d-ff", metavar="N", rich_help_panel=MODEL, help="Hidden width of the MLP (0: automatic).")] = None,
+    context_length: Annotated[int | None, typer.Option(
+        "--context-length", "-T", metavar="N", rich_help_panel=MODEL,
+        help="Tokens per training window and the model's longest context.")] = None,
+    pos_encoding: Annotated[str | None, typer.Option(
+        "--pos-encoding", metavar="KIND", rich_help_panel=MODEL, help="learned | sinusoidal | rope.")] = None,
+    norm: Annotated[str | None, typer.Option(
+        "--norm", metavar="KIND", rich_help_panel=MODEL, help="layernorm | rmsnorm.")] = None,
+    mlp: Annotated[str | None, typer.Option(
+        "--mlp", metavar="KIND", rich_help_panel=MODEL, help="gelu | swiglu.")] = None,
+    bias: Annotated[bool | None, typer.Option(
+        "--bias/--no-bias", rich_help_panel=MODEL, show_default=False,
+        help="Bias vectors in linear layers and norms.")] = None,
+    tie_embeddings: Annotated[bool | None, typer.Option(
+        "--tie-embeddings/--no-tie-embeddings", rich_help_panel=MODEL, show_default=False,
+        help="Share the token embedding with the output head.")] = None,
+    dropout: Annotated[float | None, typer.Option(
+        "--dropout", metavar="P", rich_help_panel=MODEL, help="Dropout probability (0 for short runs).")] = None,
+    # Training
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", metavar="N", rich_help_panel=TRAIN, help="Optimiser steps in the whole run.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN, help="Windows per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", metavar="K", rich_help_panel=TRAIN, help="Micro-batches per optimiser step.")] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", metavar="LR", rich_help_panel=TRAIN, help="Peak learning rate (after warmup).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", metavar="N", rich_help_panel=TRAIN, help="Steps of linear warmup before the cosine decay.")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", metavar="W", rich_help_panel=TRAIN, help="AdamW weight decay on weight matrices.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        "--grad-clip", metavar="X", rich_help_panel=TRAIN, help="Clip the gradient norm to this (0: off).")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        "--eval-every", metavar="N", rich_help_panel=TRAIN, help="Steps between validation runs (and samples).")
+    ] = None,
+    eval_batches: Annotated[int | None, typer.Option(
+        "--eval-batches", metavar="N", rich_help_panel=TRAIN, help="Batches of validation windows per evaluation.")
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(
+        "--log-every", metavar="N", rich_help_panel=TRAIN, help="Steps between lines in metrics.jsonl.")] = None,
+    save_every: Annotated[int | None, typer.Option(
+        "--save-every", metavar="N", rich_help_panel=TRAIN,
+        help="Steps between checkpoints (0: at each evaluation).")
+    ] = None,
+    sample_tokens: Annotated[int | None, typer.Option(
+        "--sample-tokens", metavar="N", rich_help_panel=TRAIN, help="Tokens in the sample shown at each evaluation.")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", metavar="F", rich_help_panel=TRAIN,
+        help="Share of the tokens (the last) kept for validation.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", rich_help_panel=TRAIN, help="Seed for initialisation, batches and samples.")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", metavar="DEV", rich_help_panel=TRAIN, help="auto | cpu | cuda | mps.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="TYPE", rich_help_panel=TRAIN,
+        help="auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU).")] = None,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", rich_help_panel=TRAIN, show_default=False,
+        help="Compile the model with torch.compile (faster steps after a slow first one).")] = None,
+) -> None:
+    """Train a GPT on text: next-token prediction, checkpointed, resumable.
+
+    Presets set the model and its training defaults; any option overrides one field. Ctrl-C saves a
+    checkpoint; --resume continues exactly where it stopped.
+    """
+    from cli.render import stderr
+    from lm import rundir
+    from lm.config import preset as named_preset
+    from lm.config import with_overrides
+    from lm.errors import UsageError
+
+    model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
+                       "context_length": context_length, "pos_encoding": pos_encoding, "norm": norm, "mlp": mlp,
+                       "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout}
+    train_overrides = {"max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                       "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
+                       "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
+                       "save_every": save_every, "sample_tokens": sample_tokens, "val_fraction": val_fraction,
+                       "seed": seed, "device": device, "dtype": dtype, "compile": compile}
+    console = stderr()
+
+    # Everything that can be wrong is checked before anything is written or deleted.
+    saved: dict[str, Any] = {}
+    if resume:
+        info = rundir.read_config(out)
+        rundir.check_same_model(info.model, with_overrides(info.model, model_overrides))
+        model_config, train_config, saved = info.model, with_overrides(info.train, train_overrides), info.extra
+        paths = paths or saved.get("corpus", {}).get("paths")
+        if not paths:
+            raise UsageError(f"{out}/config.json does not say what text the run was trained on; pass the PATHs")
+        if tokenizer is not None:
+            raise UsageError("--resume trains on with the run's own tokenizer; drop --tokenizer")
+        tokenizer = out / rundir.TOKENIZER
+    else:
+        if not paths:
+            raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
+        chosen = named_preset(preset)
+        model_config = with_overrides(chosen.model, model_overrides)
+        train_config = with_overrides(chosen.train, train_overrides)
+    train_config.validate()
+    model_config.validate()
+    if resume:
+        rundir.prepare_run_dir(out, resume=True, force=False)
+    elif rundir.is_run(out) and not force:
+        rundir.prepare_run_dir(out, resume=False, force=False)  # raises: a run is there already
+
+    # Only now the heavy imports (torch): the checks above answer at once.
+    from lm.data import split_tokens
+    from lm.device import resolve_device, resolve_dtype
+    from lm.textfiles import find_text_files
+    from lm.tokenizer import Tokenizer
+    from lm.train import Trainer, TrainingSetup
+
+    torch_device = resolve_device(train_config.device)
+    resolve_dtype(train_config.dtype, torch_device)
+    sources = find_text_files(paths, exclude=[out / rundir.TOKENIZER])
+
+    tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _train_tokenizer(sources, vocab_size)
+    model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
+    if resume:
+        rundir.check_same_model(info.model, model_config)
+    corpus = _tokenize(sources, tok)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
+    splits = split_tokens(corpus.tokens, train_config.val_fraction, model_config.context_length)
+
+    if not resume:
+        rundir.prepare_run_dir(out, resume=False, force=force)
+    extra = {**saved, "corpus": {"paths": [str(p) for p in paths], "files": corpus.files,
+                                 "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
+                                 "train_tokens": len(splits.train), "val_tokens": len(splits.val)}}
+    setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, extra_config=extra)
+    trainer = Trainer(setup)
+    _describe_start(console, trainer)
+    outcome = _run_with_progress(trainer, console)
+    _describe_end(outcome, out)
+    if outcome.status == "interrupted":
+        raise typer.Exit(130)
+
+
+def _train_tokenizer(sources: TextFiles, vocab_size: int) -> Tokenizer:
+    from cli.render import byte_progress, stderr
+    from lm.tokenizer import TokenizerConfig, train_tokenizer
+
+    config = TokenizerConfig(vocab_size=vocab_size)
+    stderr().print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the same text first.")
+    with byte_progress() as progress:
+        task = progress.add_task("tokenizer", total=sources.total_bytes)
+        tok, report = train_tokenizer(sources, config, lambda n, _: progress.update(task, completed=n))
+    stderr().print(f"Tokenizer: {report.vocab_size:,} tokens, {report.bytes_per_token:.2f} bytes/token "
+                   f"({report.seconds:.1f} s); it is saved in the run directory.")
+    return tok
+
+
+def _tokenize(sources: TextFiles, tok: Tokenizer) -> TokenCorpus:
+    from cli.render import byte_progress, human_bytes, stderr
+    from lm.data import tokenize_corpus
+
+    with byte_progress() as progress:
+        task = progress.add_task("encoding", total=sources.total_bytes)
+        corpus = tokenize_corpus(sources, tok, lambda done, total: progress.update(task, completed=done))
+    how = "cached" if corpus.reused else "encoded"
+    files = f"{corpus.files:,} file{'s' if corpus.files != 1 else ''}"
+    stderr().print(f"Corpus: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
+                   f"tokens ({how}: {corpus.path})")
+    return corpus
+
+
+def _describe_start(console: Console, trainer: Trainer) -> None:
+    setup, config, model = trainer.setup, trainer.config, trainer.model
+    shape = setup.model_config
+    console.print(
+        f"Model: {model.num_parameters():,} parameters ({shape.n_layer} layers x {shape.d_model} wide, "
+        f"{shape.n_head} heads, {shape.pos_encoding} positions, {shape.norm}, {shape.mlp}), "
+        f"context {shape.context_length}")
+    precision = str(trainer.dtype).removeprefix("torch.")
+    compiled = ", compiled" if config.compile else ""
+    console.print(
+        f"Training: {config.max_steps:,} steps x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
+        f" x accum {config.grad_accum} x context {shape.context_length}), lr {config.lr:g}, on "
+        f"{trainer.device.type} in {precision}{compiled}"
+        + (f"; resuming at step {trainer.step:,}" if setup.resume else ""))
+
+
+def _run_with_progress(trainer: Trainer, console: Console) -> TrainOutcome:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        if stop_requested:  # a second Ctrl-C: stop now (the last checkpoint on disk is complete)
+            raise KeyboardInterrupt
+        stop_requested = True
+        console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
+                      "(press Ctrl-C again to stop at once)[/]")
+
+    progress = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
+    )
+    task = progress.add_task("train", total=trainer.config.max_steps, completed=trainer.step, status="")
+
+    def on_update(update: TrainUpdate) -> None:
+        if update.loss is not None:
+            status = f"loss {update.loss:.3f}  {update.tokens_per_s:,.0f} tok/s"
+            if update.mfu is not None:
+                status += f"  MFU {update.mfu:.0%}"
+            progress.update(task, status=status)
+        progress.update(task, completed=update.step)
+        if update.evaluation is not None:
+            _print_evaluation(progress.console, update.step, update.elapsed_s, update.evaluation)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with progress:
+            return trainer.run(on_update, lambda: stop_requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _print_evaluation(console: Console, step: int, elapsed: float, evaluation: Evaluation) -> None:
+    from rich.text import Text
+
+    train = f"train {evaluation.train_loss:.3f}  " if evaluation.train_loss is not None else ""
+    console.print(f"step {step:>6,}  {train}val {evaluation.val_loss:.3f}  "
+                  f"[bold]{evaluation.val_bpb:.3f} bits/byte[/]  {elapsed:,.0f} s")
+    if evaluation.sample:
+        console.print(Text("  " + evaluation.sample.strip().replace("\n", "\n  "), style="dim"))
+
+
+def _describe_end(outcome: TrainOutcome, out: Path) -> None:
+    from cli.render import stderr, stdout
+
+    if outcome.status == "already-done":
+        stderr().print(f"{out} is already at step {outcome.step:,} of {outcome.max_steps:,}; "
+                       "raise --max-steps to train further")
+        return
+    if outcome.status == "interrupted":
+        stderr().print(f"Stopped at step {outcome.step:,} of {outcome.max_steps:,}; the checkpoint is saved. "
+                       f"Continue with: lm train --out {out} --resume")
+        return
+    evaluation = outcome.evaluation
+    summary = f"Trained {out}: {outcome.step:,} steps in {outcome.elapsed_s:,.0f} s"
+    if evaluation is not None:
+        summary += f", val loss {evaluation.val_loss:.3f}, {evaluation.val_bpb:.3f} bits/byte"
+    stdout().print(summary)
+    stdout().print(f"Look at it: lm info {out}")
