@@ -18,7 +18,7 @@ LM := $(BIN)/lm
 .PHONY: help demo test lint bench clean
 
 help:
-	@echo "make demo    fetch Shakespeare, train a tokenizer on it, show how a line splits into tokens"
+	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU)"
 	@echo "make test    run the test suite"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
@@ -36,8 +36,9 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed-dev
 	$(LM) corpus shakespeare --out $(CORPUS)
-	$(LM) train-tokenizer $(CORPUS) --vocab-size 8192 --out $(RUN)/tokenizer.json --force
-	$(LM) tokenize $(RUN)/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
+	$(LM) train-tokenizer $(CORPUS) --vocab-size 8192 --out runs/tokenizer.json --force
+	$(LM) tokenize runs/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
+	$(LM) train $(CORPUS) --tokenizer runs/tokenizer.json --preset tiny --out $(RUN) --force
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -49,6 +50,8 @@ bench: $(VENV)/.installed-dev,bench
 	$(LM) corpus shakespeare --out $(CORPUS)
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)
+	$(BIN)/python bench/train.py --compile
+	$(BIN)/python bench/quality.py --corpus $(CORPUS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info
