@@ -39,6 +39,7 @@ demo: $(VENV)/.installed-dev
 	$(LM) train-tokenizer $(CORPUS) --vocab-size 8192 --out runs/tokenizer.json --force
 	$(LM) tokenize runs/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
 	$(LM) train $(CORPUS) --tokenizer runs/tokenizer.json --preset tiny --out $(RUN) --force
+	$(LM) generate $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1 --stats
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -52,6 +53,7 @@ bench: $(VENV)/.installed-dev,bench
 	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)
 	$(BIN)/python bench/train.py --compile
 	$(BIN)/python bench/quality.py --corpus $(CORPUS)
+	$(BIN)/python bench/generate.py --run $(RUN)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import corpus, info, presets, tokenize_text, train, train_tokenizer
+from cli import corpus, generate, info, presets, tokenize_text, train, train_tokenizer
 
 app = typer.Typer(
     name="lm",
@@ -22,6 +22,7 @@ app.command("corpus")(corpus.command)
 app.command("train-tokenizer")(train_tokenizer.command)
 app.command("tokenize")(tokenize_text.command)
 app.command("train")(train.command)
+app.command("generate")(generate.command)
 app.command("info")(info.command)
 app.command("presets")(presets.command)
 

@@ -179,7 +179,8 @@ def command(
 
     if not resume:
         rundir.prepare_run_dir(out, resume=False, force=force)
-    extra = {**saved, "corpus": {"paths": [str(p) for p in paths], "files": corpus.files,
+    # Absolute paths, so that --resume (which reuses them) works from any folder.
+    extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
                                  "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
                                  "train_tokens": len(splits.train), "val_tokens": len(splits.val)}}
     setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, extra_config=extra)

@@ -196,6 +196,27 @@ class Tokenizer:
         return bytes(table[char] for char in token)
 
 
+class TokenTextDecoder:
+    """Token ids in, text out, one token at a time, never splitting a character.
+
+    A token may end in the middle of a multi-byte UTF-8 character (an emoji spans 4 bytes, often 2-4
+    tokens); decoding each token on its own would print replacement characters. The bytes of an
+    incomplete character wait here for the tokens that complete it. Byte sequences that can never
+    be valid UTF-8 (a model can produce them) come out as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def finish(self) -> str:
+        """Whatever is still held back (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
 def train_tokenizer(
     sources: TextFiles,
     config: TokenizerConfig,

@@ -30,7 +30,7 @@ from lm.config import ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, eval_windows, token_byte_lengths
 from lm.device import configure_matmul, peak_flops, resolve_device, resolve_dtype
 from lm.errors import LmError
-from lm.generate import sample_ids
+from lm.generate import complete
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
@@ -115,6 +115,31 @@ def flops_per_token(model: GPT) -> float:
     if not config.tie_embeddings:
         matmul_params -= model.tok_emb.weight.numel()  # a lookup, not a product
     return 6 * matmul_params + 12 * config.n_layer * config.d_model * config.context_length
+
+
+@torch.no_grad()
+def score_windows(model: Callable[..., tuple[torch.Tensor, Any]], windows: torch.Tensor, byte_lengths: torch.Tensor,
+                  batch_size: int) -> tuple[float, float]:
+    """Mean loss (nats per token) and bits per byte of `model` predicting each window's next tokens.
+
+    Bits per byte = total nats over the text's tokens / (ln 2 x the text's bytes). Special tokens such
+    as <|endoftext|> stand for no text and are left out of both sums. Unlike the loss, this does not
+    depend on the tokenizer, so models with different vocabularies compare.
+    """
+    device = byte_lengths.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    text_nats, text_bytes = torch.zeros_like(nats), torch.zeros_like(nats)
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        targets = batch[:, 1:].flatten()
+        logits, _ = model(batch[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
+        lengths = byte_lengths[targets]
+        nats += losses.sum()
+        text_nats += (losses * (lengths > 0)).sum()
+        text_bytes += lengths.sum()
+    count = windows.size(0) * (windows.size(1) - 1)
+    return nats.item() / count, text_nats.item() / (math.log(2) * max(text_bytes.item(), 1))
 
 
 class Trainer:
@@ -241,43 +266,22 @@ class Trainer:
                     targets.pin_memory().to(self.device, non_blocking=True))
         return inputs.to(self.device), targets.to(self.device)
 
-    @torch.no_grad()
     def evaluate(self, train_loss: float | None = None) -> Evaluation:
-        """Loss and bits per byte on the validation windows (the same ones every time), and a sample.
-
-        Bits per byte = total nats over the text's tokens / (ln 2 x the text's bytes); special tokens
-        such as <|endoftext|> stand for no text and are left out of both sums.
-        """
+        """Loss and bits per byte on the validation windows (the same ones every time), and a sample."""
         self.model.eval()
-        nats = torch.zeros((), dtype=torch.float64, device=self.device)
-        text_nats = torch.zeros_like(nats)
-        text_bytes = torch.zeros_like(nats)
-        count = 0
-        for windows in self.val_windows.split(self.config.batch_size):
-            windows = windows.to(self.device)
-            inputs, targets = windows[:, :-1], windows[:, 1:]
-            with self.autocast():
-                logits, _ = self.forward(inputs)
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-            lengths = self.byte_lengths[targets.flatten()]
-            nats += losses.sum()
-            text_nats += (losses * (lengths > 0)).sum()
-            text_bytes += lengths.sum()
-            count += targets.numel()
+        with self.autocast():
+            val_loss, val_bpb = score_windows(self.forward, self.val_windows, self.byte_lengths,
+                                              self.config.batch_size)
         sample = self.sample()
         self.model.train()
-        return Evaluation(val_loss=nats.item() / count,
-                          val_bpb=text_nats.item() / (math.log(2) * max(text_bytes.item(), 1)),
-                          train_loss=train_loss, sample=sample)
+        return Evaluation(val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss, sample=sample)
 
     def sample(self) -> str:
         """A short continuation of <|endoftext|> (the start of a new document), seeded: the same at a given step."""
         if self.config.sample_tokens == 0:
             return ""
-        tokenizer = self.setup.tokenizer
-        ids = sample_ids(self.model, [tokenizer.eot_id], self.config.sample_tokens,
-                         seed=self.config.seed + self.step, stop_id=tokenizer.eot_id)
-        return tokenizer.decode(ids)
+        return complete(self.model, self.setup.tokenizer, "", self.config.sample_tokens,
+                        seed=self.config.seed + self.step)
 
     def _check_finite(self, interval_loss: torch.Tensor, steps: int, last_checkpoint: int) -> float:
         loss = interval_loss.item() / max(steps, 1)

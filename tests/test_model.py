@@ -106,7 +106,7 @@ def test_impossible_configs_are_refused(changes: dict, message: str) -> None:
 
 
 def test_longer_than_context_is_an_error() -> None:
-    with pytest.raises(ValueError, match="longer than the context length"):
+    with pytest.raises(ValueError, match="exceed the context length 24"):
         GPT(tiny())(torch.zeros(1, 25, dtype=torch.long))
 
 

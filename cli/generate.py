@@ -1,0 +1,179 @@
+"""`lm generate`: continue a prompt with a trained model, streaming the text as it comes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from lm.generate import GenerationStats
+    from lm.model import GPT
+    from lm.sampling import SamplingConfig
+
+SAMPLING = "Sampling (applied in this order: repetition penalty, temperature, top-k, top-p, min-p)"
+
+
+def command(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", metavar="TEXT", show_default=False,
+        help="Text to continue; without it (or --prompt-file) a new document starts.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt-file", metavar="FILE", show_default=False, help="Read the prompt from a UTF-8 file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-n", metavar="N", help="Tokens to generate at most, per sample.")] = 200,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", metavar="T", rich_help_panel=SAMPLING,
+        help="Below 1 sharpens, above 1 flattens; 0 always takes the likeliest token.")] = 0.8,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", metavar="K", rich_help_panel=SAMPLING, help="Sample among the K likeliest tokens (0: off).")] = 50,
+    top_p: Annotated[float, typer.Option(
+        "--top-p", metavar="P", rich_help_panel=SAMPLING,
+        help="Sample among the likeliest tokens holding probability P (1: off).")] = 1.0,
+    min_p: Annotated[float, typer.Option(
+        "--min-p", metavar="P", rich_help_panel=SAMPLING,
+        help="Drop tokens less than P times as likely as the likeliest (0: off).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        "--repetition-penalty", metavar="R", rich_help_panel=SAMPLING,
+        help="Divide the scores of tokens already in the text by R (1: off; 1.1-1.3 typical).")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", metavar="TEXT", show_default=False,
+        help="Stop when this text appears (not printed); repeatable. <|endoftext|> always stops.")] = None,
+    num_samples: Annotated[int, typer.Option(
+        "--num-samples", metavar="N", help="Continuations to generate, in one batch from one prefill.")] = 1,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", show_default=False,
+        help="Seed for sampling: the same seed gives the same text [default: random, shown by --stats].")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="DEV", help="auto | cpu | cuda | mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", metavar="TYPE",
+        help="auto | float32 | bfloat16 | float16: the weights' precision (auto: bf16 on GPUs, fp32 on CPU).")
+    ] = "auto",
+    quantize: Annotated[str, typer.Option(
+        "--quantize", metavar="KIND",
+        help="none | int8: int8 weights in linear layers (CPU), ~4x less to read per token.")] = "none",
+    kv_cache: Annotated[bool, typer.Option(
+        "--kv-cache/--no-kv-cache", show_default=False,
+        help="Cache keys and values so each token costs one step [default: on].")] = True,
+    compile: Annotated[bool, typer.Option(
+        "--compile", metavar="", help="Compile the model with torch.compile (slow start, faster steps).")] = False,
+    stats: Annotated[bool, typer.Option(
+        "--stats", metavar="", help="Print token counts, time to first token and tokens/s to stderr.")] = False,
+) -> None:
+    """Generate text from a trained model, streamed as it is produced.
+
+    Standard output gets the prompt and its continuation and nothing else; notices and --stats go to
+    standard error.
+    """
+    from lm.config import DTYPES
+    from lm.errors import InputError, UsageError
+    from lm.sampling import SamplingConfig
+
+    # Every value is checked before the model is loaded.
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read --prompt-file {prompt_file} ({getattr(err, 'strerror', None) or err}); "
+                             "give a UTF-8 text file") from None
+    if prompt is not None and not prompt:
+        raise UsageError("the prompt is empty; give some text, or leave out --prompt to start a new document")
+
+    from lm.checkpoint import load_run
+    from lm.device import resolve_device, resolve_dtype
+    from lm.generate import GenerationStats, encode_prompt, prepare_for_generation, stream_completions
+
+    torch_device = resolve_device(device)
+    model, tokenizer, _ = load_run(run_dir, torch_device)
+    model = prepare_for_generation(model, resolve_dtype(dtype, torch_device), quantize)
+    prompt_ids = encode_prompt(tokenizer, prompt or "")
+    if compile:
+        model = _compiled(model, prompt_ids, sampling, num_samples)
+    generation = GenerationStats()
+    texts = [""] * num_samples
+    out = sys.stdout
+    out.write(prompt or "")
+    out.flush()
+    for piece in stream_completions(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=stop or (),
+                                    num_samples=num_samples, seed=seed, use_cache=kv_cache, stats=generation):
+        texts[piece.sample] += piece.text
+        if piece.sample == 0:  # the first sample streams; the others are printed when all are done
+            out.write(piece.text)
+            out.flush()
+    shown = [(prompt or "") + text for text in texts]
+    _end_line(shown[0], always=num_samples > 1)
+    for index, text in enumerate(shown[1:], start=1):
+        _rule()
+        out.write(text)
+        _end_line(text, always=index < num_samples - 1)
+    out.flush()
+    if stats:
+        _print_stats(generation, str(next(iter(model.parameters())).dtype).removeprefix("torch."), quantize)
+
+
+def _compiled(model: GPT, prompt_ids: list[int], sampling: SamplingConfig, num_samples: int) -> GPT:
+    """torch.compile the model and run it once on a prefill and a decode step, so that compiling (tens
+    of seconds, once) is not counted as generating."""
+    import torch
+
+    from cli.render import stderr
+    from lm.generate import generate_tokens
+
+    if next(model.parameters()).device.type == "cpu":
+        stderr().print("note: --compile pays off on GPUs; on a CPU the compiled decode step was measured "
+                       "slower than the eager one")
+    compiled = torch.compile(model, dynamic=True)
+    with stderr().status("compiling the model (once)"):
+        for _ in generate_tokens(compiled, prompt_ids, 2, sampling, num_samples=num_samples, seed=0):
+            pass
+    return compiled
+
+
+def _end_line(text: str, always: bool = False) -> None:
+    # In a terminal (or before a rule) finish the line; into a pipe or file, write exactly the text.
+    if (always or sys.stdout.isatty()) and not text.endswith("\n"):
+        sys.stdout.write("\n")
+
+
+def _rule() -> None:
+    from cli.render import stdout
+
+    stdout().rule(style="dim")
+
+
+def _print_stats(stats: GenerationStats, dtype: str, quantize: str) -> None:
+    from rich.table import Table
+
+    from cli.render import stderr
+
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("prompt tokens", f"{stats.prompt_tokens:,} (with the <|endoftext|> it starts after)")
+    table.add_row("new tokens", f"{stats.new_tokens:,}" + (f" x {stats.samples} samples" if stats.samples > 1 else ""))
+    table.add_row("time to first token", f"{stats.first_token_s * 1000:,.1f} ms")
+    table.add_row("decode", f"{stats.decode_tokens_per_s:,.1f} tokens/s"
+                  + (" (KV cache)" if stats.cached else " (no KV cache: each step re-reads the context)"))
+    precision = dtype + (", int8 linear layers" if quantize == "int8" else "")
+    table.add_row("device", f"{stats.device}, {precision}")
+    table.add_row("seed", str(stats.seed))
+    if stats.window_slides:
+        table.add_row("context", f"full {stats.window_slides} time(s): the window slid to the last "
+                                 f"{stats.kept_tokens} tokens and generation went on")
+    stderr().print(table)
