@@ -18,7 +18,8 @@ LM := $(BIN)/lm
 .PHONY: help demo test lint bench clean
 
 help:
-	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU)"
+	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
+	@echo "             generate from it and show what its attention heads look at"
 	@echo "make test    run the test suite"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
@@ -40,6 +41,8 @@ demo: $(VENV)/.installed-dev
 	$(LM) tokenize runs/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
 	$(LM) train $(CORPUS) --tokenizer runs/tokenizer.json --preset tiny --out $(RUN) --force
 	$(LM) generate $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1 --stats
+	$(LM) inspect-attention $(RUN) --top 3 \
+		--text "$$($(LM) generate $(RUN) --prompt 'JULIET:' --max-new-tokens 12 --temperature 0.6 --seed 2)"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -54,6 +57,7 @@ bench: $(VENV)/.installed-dev,bench
 	$(BIN)/python bench/train.py --compile
 	$(BIN)/python bench/quality.py --corpus $(CORPUS)
 	$(BIN)/python bench/generate.py --run $(RUN)
+	$(BIN)/python bench/inspect_attention.py --run $(RUN)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -7,7 +7,17 @@ import sys
 
 import typer
 
-from cli import corpus, generate, info, presets, tokenize_text, train, train_tokenizer
+from cli import (
+    corpus,
+    generate,
+    info,
+    inspect_attention,
+    inspect_embeddings,
+    presets,
+    tokenize_text,
+    train,
+    train_tokenizer,
+)
 
 app = typer.Typer(
     name="lm",
@@ -23,6 +33,8 @@ app.command("train-tokenizer")(train_tokenizer.command)
 app.command("tokenize")(tokenize_text.command)
 app.command("train")(train.command)
 app.command("generate")(generate.command)
+app.command("inspect-attention")(inspect_attention.command)
+app.command("inspect-embeddings")(inspect_embeddings.command)
 app.command("info")(info.command)
 app.command("presets")(presets.command)
 

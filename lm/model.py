@@ -12,6 +12,7 @@ keys are rotated by an angle that grows with position, so their dot product depe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), weights
 
 
+@dataclass
+class Trace:
+    logits: torch.Tensor  # (batch, time, vocab)
+    attention: dict[int, torch.Tensor]  # layer -> (batch, heads, time, time)
+    hidden: list[torch.Tensor]  # the residual stream after the embedding, then after each block
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -234,21 +242,21 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def forward_with_attention(
-        self, ids: torch.Tensor, layers: set[int]
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits, plus the attention weights (batch, heads, time, time) of the chosen layers.
+    def trace(self, ids: torch.Tensor, attention_layers: set[int] | frozenset[int] = frozenset()) -> Trace:
+        """A forward pass that keeps what inspection needs: the residual stream after the embedding and
+        after every block, and the attention weights (batch, heads, time, time) of the chosen layers.
 
-        Only those layers take the explicit path; the others run the fused kernel.
+        Only the chosen layers take the explicit attention path; the others run the fused kernel.
         """
         x = self.embed(ids)
         rope = self._rope(0, ids.size(1))
-        weights: dict[int, torch.Tensor] = {}
+        hidden, weights = [x], {}
         for index, block in enumerate(self.blocks):
-            x, layer_weights = block(x, rope, need_weights=index in layers)
+            x, layer_weights = block(x, rope, need_weights=index in attention_layers)
+            hidden.append(x)
             if layer_weights is not None:
                 weights[index] = layer_weights
-        return self.lm_head(self.norm(x)), weights
+        return Trace(self.lm_head(self.norm(x)), weights, hidden)
 
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token embeddings plus, for learned or sinusoidal positions, those of positions start, start+1, ..."""

@@ -21,7 +21,8 @@ def test_fused_and_explicit_attention_agree(pos_encoding: str) -> None:
     model = GPT(tiny(pos_encoding=pos_encoding)).eval()
     ids = torch.randint(0, 97, (3, 24))
     fused, _ = model(ids)
-    explicit, weights = model.forward_with_attention(ids, layers={0, 1})
+    traced = model.trace(ids, attention_layers={0, 1})
+    explicit, weights = traced.logits, traced.attention
     assert torch.allclose(fused, explicit, atol=1e-5, rtol=0)
     for layer in (0, 1):
         w = weights[layer]

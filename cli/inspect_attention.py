@@ -1,0 +1,400 @@
+"""`lm inspect-attention`: which token looks at which, per layer and head, drawn in the terminal."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+
+    from lm.inspect import AttentionMaps, HeadStats, SharedToken
+
+FORMATS = ("table", "json", "csv")
+ROW_LABEL_WIDTH = 16
+CELL_WIDTH = 4
+
+
+def command(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
+    text: Annotated[str | None, typer.Option(
+        "--text", metavar="TEXT", show_default=False, help="The text to look at.")] = None,
+    text_file: Annotated[Path | None, typer.Option(
+        "--text-file", metavar="FILE", show_default=False, help="Read the text from a UTF-8 file.")] = None,
+    layer: Annotated[str, typer.Option(
+        "--layer", "-l", metavar="L", help="A layer number, 'last' or 'all'.")] = "last",
+    head: Annotated[str, typer.Option(
+        "--head", metavar="H", help="A head number, 'mean' (of all heads) or 'all'.")] = "mean",
+    top: Annotated[int | None, typer.Option(
+        "--top", metavar="K", show_default=False,
+        help="One line per token: the K earlier tokens it attends to most.")] = None,
+    heads_summary: Annotated[bool, typer.Option(
+        "--heads-summary", metavar="",
+        help="One table of every layer x head: entropy, previous-token, sink, self, induction, label.")] = False,
+    compare: Annotated[str | None, typer.Option(
+        "--compare", metavar="TEXT2", show_default=False,
+        help="Show how the tokens TEXT and TEXT2 share attend differently in each.")] = None,
+    rows: Annotated[str | None, typer.Option(
+        "--range", metavar="START:END", show_default=False,
+        help="Draw the query tokens at positions START to END-1 [default: the last that fit].")] = None,
+    output_format: Annotated[str, typer.Option(
+        "--format", metavar="FORMAT", help="table | json | csv (json and csv carry every weight).")] = "table",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Write to FILE instead of standard output.")] = None,
+    save: Annotated[Path | None, typer.Option(
+        "--save", metavar="FILE", show_default=False,
+        help="Also export what is drawn as FILE.svg or FILE.html (works offline).")] = None,
+) -> None:
+    """Show attention patterns: which token looks at which, per layer and head.
+
+    The default view is a heat table of one layer and head (the mean of the heads unless --head
+    says otherwise): rows are the tokens doing the looking, columns the tokens looked at.
+    """
+    from lm import rundir
+    from lm.atomic import prepare_output
+    from lm.errors import InputError, UsageError
+
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
+    if text is not None and text_file is not None:
+        raise UsageError("give --text or --text-file, not both")
+    if text_file is not None:
+        text = _read(text_file, "--text-file")
+    if not text:
+        raise UsageError("no text to look at; give --text TEXT or --text-file FILE")
+    if top is not None and top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    if compare is not None and not compare:
+        raise UsageError("--compare needs a second text")
+    if save is not None and save.suffix.lower() not in (".svg", ".html"):
+        raise UsageError(f"--save {save} must end in .svg or .html")
+    info = rundir.read_config(run_dir)
+    layers = _layers(layer, info.model.n_layer)
+    heads = _heads(head, info.model.n_head)
+    span = _span(rows)
+    for target in (output, save):
+        if target is not None:
+            prepare_output(target, overwrite=True, what="output")
+
+    from cli.render import stdout
+    from lm.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    if heads_summary:
+        from lm.inspect import heads_summary as summarise
+
+        stats, maps = summarise(model, tokenizer, text)
+        _notice_dropped(maps.dropped)
+        _show([_summary_table(stats, len(maps.ids))], output, save)
+        return
+    if compare is not None:
+        from lm.inspect import compare_attention
+
+        shared = compare_attention(model, tokenizer, text, compare, layers[-1], heads[0] if len(heads) == 1 else None)
+        _show([_compare_table(shared, text, compare, layers[-1], heads)], output, save)
+        return
+
+    from lm.inspect import attention_maps
+
+    maps = attention_maps(model, tokenizer, text, layers)
+    _notice_dropped(maps.dropped)
+    if output_format != "table":
+        data = _json(maps, heads, text) if output_format == "json" else _csv(maps, heads)
+        _write(data, output)
+        return
+    if len(maps.ids) < 2:
+        raise InputError("the text is a single token; attention needs at least two")
+    if len(layers) > 1 or (len(heads) > 1 and heads[0] is not None):
+        _show([_grid(maps, heads)], output, save)
+    elif top is not None:
+        _show(_top_lines(maps, layers[0], heads[0], top), output, save)
+    else:
+        width = stdout().width if output is None else 200
+        _show(_heat_table(maps, layers[0], heads[0], span, width), output, save)
+
+
+# Parsing ------------------------------------------------------------------------------------------
+
+
+def _read(path: Path, flag: str) -> str:
+    from lm.errors import InputError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {flag} {path} ({getattr(err, 'strerror', None) or err}); "
+                         "give a UTF-8 text file") from None
+
+
+def _layers(spec: str, count: int) -> list[int]:
+    from lm.errors import UsageError
+
+    if spec == "all":
+        return list(range(count))
+    if spec == "last":
+        return [count - 1]
+    if not spec.isdigit() or int(spec) >= count:
+        raise UsageError(f"--layer {spec!r} does not exist: this model has layers 0 to {count - 1} "
+                         "(or use 'last' or 'all')")
+    return [int(spec)]
+
+
+def _heads(spec: str, count: int) -> list[int | None]:
+    from lm.errors import UsageError
+
+    if spec == "all":
+        return list(range(count))
+    if spec == "mean":
+        return [None]
+    if not spec.isdigit() or int(spec) >= count:
+        raise UsageError(f"--head {spec!r} does not exist: this model has heads 0 to {count - 1} "
+                         "(or use 'mean' or 'all')")
+    return [int(spec)]
+
+
+def _span(spec: str | None) -> tuple[int, int | None] | None:
+    from lm.errors import UsageError
+
+    if spec is None:
+        return None
+    start, sep, end = spec.partition(":")
+    try:
+        span = (int(start) if start else 0, int(end) if end else None)
+    except ValueError:
+        span = None
+    if not sep or span is None or span[0] < 0 or (span[1] is not None and span[1] <= span[0]):
+        raise UsageError(f"--range {spec!r} should be START:END with 0 <= START < END, e.g. --range 0:20")
+    return span
+
+
+def _notice_dropped(dropped: int) -> None:
+    from cli.render import stderr
+
+    if dropped:
+        stderr().print(f"note: the text is longer than the model's context; its first {dropped} tokens are "
+                       "left out and the last window is shown")
+
+
+# Output -------------------------------------------------------------------------------------------
+
+
+def _show(renderables: list[RenderableType], output: Path | None, save: Path | None) -> None:
+    """Print to the terminal (or `output` as plain text), and export to `save` if asked."""
+    from rich.console import Console
+
+    from cli.render import stdout
+
+    console: Console = stdout() if output is None else Console(file=io.StringIO(), width=200, record=True)
+    console.record = True
+    for renderable in renderables:
+        console.print(renderable)
+    if output is not None:
+        _write(console.export_text(clear=False), output)
+    if save is not None:
+        from lm.atomic import atomic_write_text
+
+        exported = console.export_svg(title="lm inspect-attention") if save.suffix.lower() == ".svg" \
+            else console.export_html()
+        atomic_write_text(save, exported)
+
+
+def _write(data: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(data)
+        return
+    from lm.atomic import atomic_write_text
+
+    atomic_write_text(output, data)
+
+
+def _visible(data: bytes) -> str:
+    from lm.tokenizer import visible_text
+
+    return visible_text(data)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _heat_style(weight: float) -> str:
+    # From a dark blue (no attention) to amber (all of it), with text that stays readable on both.
+    low, high = (22, 24, 48), (255, 176, 0)
+    r, g, b = (round(lo + (hi - lo) * weight) for lo, hi in zip(low, high, strict=True))
+    return f"{'black' if weight > 0.45 else 'grey85'} on rgb({r},{g},{b})"
+
+
+def _cell(weight: float) -> str:
+    return "1.0" if weight >= 0.995 else f".{round(weight * 100):02d}"
+
+
+def _title(maps: AttentionMaps, layer: int, head: int | None) -> str:
+    heads = "mean of all heads" if head is None else f"head {head}"
+    return f"layer {layer}, {heads}: row = token looking, column = token looked at ({len(maps.ids)} tokens)"
+
+
+def _heat_table(maps: AttentionMaps, layer: int, head: int | None, span: tuple[int, int | None] | None,
+                width: int) -> list[RenderableType]:
+    from rich.table import Table
+    from rich.text import Text
+
+    from lm.inspect import head_matrix
+
+    matrix = head_matrix(maps, layer, head)
+    count = len(maps.ids)
+    fitting = max(1, (width - ROW_LABEL_WIDTH - 10) // (CELL_WIDTH + 1))
+    end = count if span is None or span[1] is None else min(span[1], count)
+    lo = max(0, end - fitting)
+    start = lo if span is None else min(span[0], end - 1)
+    table = Table(title=_title(maps, layer, head), title_justify="left", box=None, padding=(0, 1, 0, 0),
+                  show_edge=False, pad_edge=False)
+    table.add_column("", no_wrap=True, min_width=ROW_LABEL_WIDTH)
+    if lo > 0:
+        table.add_column(Text(f"<{lo}\nearlier", style="dim"), justify="right", no_wrap=True)
+    for key in range(lo, end):
+        label = Text(f"{key}\n{_clip(_visible(maps.tokens[key]), CELL_WIDTH)}")
+        table.add_column(label, justify="right", no_wrap=True, min_width=CELL_WIDTH, max_width=CELL_WIDTH)
+    for query in range(start, end):
+        cells: list[Text] = [Text(_clip(f"{query:>3} {_visible(maps.tokens[query])}", ROW_LABEL_WIDTH))]
+        if lo > 0:
+            earlier = matrix[query, :lo].sum().item()
+            cells.append(Text(_cell(earlier), style=_heat_style(earlier)))
+        for key in range(lo, end):
+            weight = matrix[query, key].item()
+            cells.append(Text("") if key > query else Text(_cell(weight), style=_heat_style(weight)))
+        table.add_row(*cells)
+    notes = []
+    if start > 0 or end < count:
+        notes.append(f"rows {start} to {end - 1} of {count} shown (choose others with --range START:END)")
+    if lo > 0:
+        notes.append(f"keys before {lo} are summed in the 'earlier' column")
+    return [table, *(Text(note, style="dim") for note in notes)]
+
+
+def _top_lines(maps: AttentionMaps, layer: int, head: int | None, k: int) -> list[RenderableType]:
+    from rich.text import Text
+
+    from lm.inspect import head_matrix, top_attended
+
+    what = "the token" if k == 1 else f"the {k} tokens"
+    lines: list[RenderableType] = [Text(_title(maps, layer, head).split(":")[0] + f": {what} each token attends to "
+                                        "most", style="bold")]
+    for query, best in enumerate(top_attended(head_matrix(maps, layer, head), k)):
+        line = Text(f"{query:>4} {_clip(_visible(maps.tokens[query]), 14):<14} → ")
+        for key, weight in best:
+            line.append(_visible(maps.tokens[key]), style=_heat_style(weight))
+            line.append(f" @{key} {weight:.2f}   ", style="dim")
+        lines.append(line)
+    return lines
+
+
+def _grid(maps: AttentionMaps, heads: list[int | None]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    from lm.inspect import head_matrix, head_stats
+
+    table = Table(title="what each head does on this text: its dominant behaviour and score (for broad and "
+                        "mixed heads, their entropy in bits)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for head in heads:
+        table.add_column("mean" if head is None else f"head {head}")
+    for layer in sorted(maps.weights):
+        if heads == [None]:
+            stats = head_stats(layer, head_matrix(maps, layer, None)[None])
+        else:
+            stats = [head_stats(layer, maps.weights[layer])[head] for head in heads]  # type: ignore[index]
+        table.add_row(str(layer), *(Text(_behaviour(s), style=_label_style(s.label)) for s in stats))
+    return table
+
+
+def _behaviour(stats: HeadStats) -> str:
+    score = {"previous-token": stats.previous, "sink": stats.first, "self": stats.self,
+             "induction": stats.induction}.get(stats.label)
+    return f"{stats.label} {score:.2f}" if score is not None else f"{stats.label} {stats.entropy:.1f}"
+
+
+def _label_style(label: str) -> str:
+    return {"previous-token": "cyan", "induction": "magenta", "sink": "yellow", "self": "green"}.get(label, "")
+
+
+def _summary_table(stats: list[HeadStats], tokens: int) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"every head on this text ({tokens} tokens); induction on a repeated random sequence",
+                  title_justify="left")
+    for column in ("layer", "head", "entropy (bits)", "previous", "first (sink)", "self", "induction", "label"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for s in stats:
+        scores = {"previous-token": s.previous, "sink": s.first, "self": s.self, "induction": s.induction}
+        cells = [Text(f"{value:.2f}", style=_label_style(name) if name == s.label else "")
+                 for name, value in scores.items()]
+        table.add_row(str(s.layer), str(s.head), f"{s.entropy:.2f}", *cells, Text(s.label, style=_label_style(s.label)))
+    return table
+
+
+def _compare_table(shared: list[SharedToken], text_a: str, text_b: str, layer: int, heads: list[int | None]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    head = heads[0] if len(heads) == 1 else None
+    which = "mean of all heads" if head is None else f"head {head}"
+    table = Table(title=f"layer {layer}, {which}: what shared tokens attend to in each text", title_justify="left")
+    table.add_column("token")
+    table.add_column(Text(f"in A: {_clip(text_a, 30)}"))
+    table.add_column(Text(f"in B: {_clip(text_b, 30)}"))
+    table.add_column("difference", justify="right")
+
+    def attended(items: list[tuple[bytes, float]]) -> Text:
+        line = Text()
+        for token, weight in items:
+            line.append(_visible(token), style=_heat_style(weight))
+            line.append(f" {weight:.2f}  ", style="dim")
+        return line
+
+    for item in sorted(shared, key=lambda s: s.difference, reverse=True):
+        table.add_row(Text(_visible(item.token)), attended(item.top_a), attended(item.top_b), f"{item.difference:.2f}")
+    return table
+
+
+def _selected(maps: AttentionMaps, heads: list[int | None]) -> list[tuple[int, int | None, torch.Tensor]]:
+    from lm.inspect import head_matrix
+
+    return [(layer, head, head_matrix(maps, layer, head)) for layer in sorted(maps.weights) for head in heads]
+
+
+def _json(maps: AttentionMaps, heads: list[int | None], text: str) -> str:
+    payload = {
+        "text": text,
+        "dropped_tokens": maps.dropped,
+        "tokens": [{"position": i, "id": token_id, "text": _visible(data), "bytes": data.hex()}
+                   for i, (token_id, data) in enumerate(zip(maps.ids, maps.tokens, strict=True))],
+        "attention": [{"layer": layer, "head": "mean" if head is None else head,
+                       "weights": [row[:query + 1] for query, row in enumerate(matrix.tolist())]}
+                      for layer, head, matrix in _selected(maps, heads)],
+    }
+    return json.dumps(payload, ensure_ascii=False) + "\n"
+
+
+def _csv(maps: AttentionMaps, heads: list[int | None]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["layer", "head", "query_position", "query_token", "key_position", "key_token", "weight"])
+    for layer, head, matrix in _selected(maps, heads):
+        rows = matrix.tolist()
+        for query, row in enumerate(rows):
+            for key in range(query + 1):
+                writer.writerow([layer, "mean" if head is None else head, query, _visible(maps.tokens[query]), key,
+                                 _visible(maps.tokens[key]), f"{row[key]:.6g}"])
+    return buffer.getvalue()
