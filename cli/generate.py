@@ -71,7 +71,7 @@ def command(
     standard error.
     """
     from lm.config import DTYPES
-    from lm.errors import InputError, UsageError
+    from lm.errors import UsageError
     from lm.sampling import SamplingConfig
 
     # Every value is checked before the model is loaded.
@@ -87,11 +87,9 @@ def command(
     if prompt is not None and prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read --prompt-file {prompt_file} ({getattr(err, 'strerror', None) or err}); "
-                             "give a UTF-8 text file") from None
+        from lm.textfiles import read_text_option
+
+        prompt = read_text_option(prompt_file, "--prompt-file")
     if prompt is not None and not prompt:
         raise UsageError("the prompt is empty; give some text, or leave out --prompt to start a new document")
 

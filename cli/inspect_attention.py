@@ -69,7 +69,9 @@ def command(
     if text is not None and text_file is not None:
         raise UsageError("give --text or --text-file, not both")
     if text_file is not None:
-        text = _read(text_file, "--text-file")
+        from lm.textfiles import read_text_option
+
+        text = read_text_option(text_file, "--text-file")
     if not text:
         raise UsageError("no text to look at; give --text TEXT or --text-file FILE")
     if top is not None and top < 1:
@@ -124,16 +126,6 @@ def command(
 
 
 # Parsing ------------------------------------------------------------------------------------------
-
-
-def _read(path: Path, flag: str) -> str:
-    from lm.errors import InputError
-
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {flag} {path} ({getattr(err, 'strerror', None) or err}); "
-                         "give a UTF-8 text file") from None
 
 
 def _layers(spec: str, count: int) -> list[int]:
@@ -319,8 +311,7 @@ def _grid(maps: AttentionMaps, heads: list[int | None]) -> Table:
 
 
 def _behaviour(stats: HeadStats) -> str:
-    score = {"previous-token": stats.previous, "sink": stats.first, "self": stats.self,
-             "induction": stats.induction}.get(stats.label)
+    score = stats.scores().get(stats.label)
     return f"{stats.label} {score:.2f}" if score is not None else f"{stats.label} {stats.entropy:.1f}"
 
 
@@ -337,9 +328,8 @@ def _summary_table(stats: list[HeadStats], tokens: int) -> Table:
     for column in ("layer", "head", "entropy (bits)", "previous", "first (sink)", "self", "induction", "label"):
         table.add_column(column, justify="left" if column == "label" else "right")
     for s in stats:
-        scores = {"previous-token": s.previous, "sink": s.first, "self": s.self, "induction": s.induction}
-        cells = [Text(f"{value:.2f}", style=_label_style(name) if name == s.label else "")
-                 for name, value in scores.items()]
+        cells = [Text("-" if value is None else f"{value:.2f}", style=_label_style(name) if name == s.label else "")
+                 for name, value in s.scores().items()]
         table.add_row(str(s.layer), str(s.head), f"{s.entropy:.2f}", *cells, Text(s.label, style=_label_style(s.label)))
     return table
 

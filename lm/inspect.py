@@ -101,9 +101,14 @@ class HeadStats:
     spread: float  # entropy as a share of the most it could be (uniform attention), 0..1
     previous: float
     first: float
-    self: float
+    itself: float
     induction: float | None = None
     label: str = ""
+
+    def scores(self) -> dict[str, float | None]:
+        """The behaviour scores by label name (induction is None when it was not measured)."""
+        return {"previous-token": self.previous, "sink": self.first, "self": self.itself,
+                "induction": self.induction}
 
 
 def head_stats(layer: int, weights: torch.Tensor, induction: torch.Tensor | None = None) -> list[HeadStats]:
@@ -128,7 +133,7 @@ def head_stats(layer: int, weights: torch.Tensor, induction: torch.Tensor | None
             spread=spread[head].mean().item(),
             previous=previous[head].mean().item(),
             first=rows[head, :, 0].mean().item(),
-            self=rows[head, torch.arange(time - 1), index].mean().item(),
+            itself=rows[head, torch.arange(time - 1), index].mean().item(),
             induction=None if induction is None else induction[head].item(),
         ))
     for item in stats:
@@ -137,8 +142,7 @@ def head_stats(layer: int, weights: torch.Tensor, induction: torch.Tensor | None
 
 
 def label_for(stats: HeadStats) -> str:
-    scores = {"previous-token": stats.previous, "sink": stats.first, "self": stats.self,
-              "induction": stats.induction if stats.induction is not None else 0.0}
+    scores = {name: value for name, value in stats.scores().items() if value is not None}
     best = max(scores, key=scores.__getitem__)
     if scores[best] >= LABEL_THRESHOLD:
         return best

@@ -165,3 +165,12 @@ def _not_utf8(path: Path, offset: int, err: UnicodeDecodeError) -> InputError:
     bad = err.object[err.start]
     return InputError(f"{path} is not UTF-8 text (byte 0x{bad:02x} near offset {offset + err.start}); "
                       "convert it to UTF-8 text or leave it out")
+
+
+def read_text_option(path: Path, flag: str) -> str:
+    """The whole of a small UTF-8 file given with `flag` (a prompt, a text to inspect)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise InputError(f"cannot read {flag} {path} ({reason}); give a UTF-8 text file") from None

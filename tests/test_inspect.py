@@ -93,7 +93,7 @@ def test_head_statistics_on_hand_written_weights() -> None:
     assert stats[0].spread == pytest.approx(1.0) and stats[0].label == "broad"
     assert stats[0].entropy == pytest.approx((1 + math.log2(3) + 2) / 3)
     assert stats[0].previous == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
-    assert stats[1].self == 1.0 and stats[1].entropy == 0.0 and stats[1].label == "self"
+    assert stats[1].itself == 1.0 and stats[1].entropy == 0.0 and stats[1].label == "self"
 
 
 def test_compare_needs_a_shared_token(byte_tokenizer) -> None:
