@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm.config import ModelConfig
-from lm.generate import generate_tokens, prepare_for_generation
+from lm.generate import CompiledDecoder, generate_tokens, prepare_for_generation
 from lm.model import GPT
 from lm.sampling import SamplingConfig
 
@@ -34,9 +34,9 @@ console = Console(width=120)
 VERDICT = {True: "[green]met[/]", False: "[red]missed[/]"}
 
 
-def lm_tokens_per_s(model: GPT, prompt: list[int], new_tokens: int) -> float:
+def lm_tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, decoder: CompiledDecoder | None = None) -> float:
     started = time.perf_counter()
-    for _ in generate_tokens(model, prompt, new_tokens, GREEDY):
+    for _ in generate_tokens(model, prompt, new_tokens, GREEDY, decoder=decoder):
         pass
     return new_tokens / (time.perf_counter() - started)
 
@@ -62,13 +62,16 @@ def hf_tokens_per_s(model: torch.nn.Module, prompt: list[int], new_tokens: int) 
     return new_tokens / elapsed
 
 
-def speed(config: ModelConfig, rounds: int, new_tokens: int, reduced: bool) -> dict[str, float]:
+def speed(config: ModelConfig, rounds: int, new_tokens: int, reduced: bool, compiled: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
     fp32 = prepare_for_generation(GPT(config))
     contenders = {"transformers GPT2LMHeadModel.generate, float32": lambda: hf_tokens_per_s(hf, prompt, new_tokens),
                   "lm, float32": lambda: lm_tokens_per_s(fp32, prompt, new_tokens)}
     hf = hf_model(config)
+    if compiled:
+        decoder = CompiledDecoder(fp32)
+        contenders["lm, float32, --compile"] = lambda: lm_tokens_per_s(fp32, prompt, new_tokens, decoder)
     if reduced:
         int8 = prepare_for_generation(copy.deepcopy(fp32), quantize="int8")
         bf16 = prepare_for_generation(copy.deepcopy(fp32), torch.bfloat16)
@@ -153,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     small = ModelConfig(vocab_size=8192, context_length=512, n_layer=4, n_head=4, d_model=128)
-    results = speed(small, args.rounds, args.new_tokens, reduced=False)
+    results = speed(small, args.rounds, args.new_tokens, reduced=False, compiled=True)
     baseline = print_speed(f"Decoding, 4 layers x 128, vocab 8192, batch 1, 16-token prompt, {args.new_tokens} new "
                            f"tokens, greedy, median of {args.rounds}", results)
     ratio = results["lm, float32"] / baseline

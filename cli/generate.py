@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from lm.generate import GenerationStats
+    from lm.generate import CompiledDecoder, GenerationStats
     from lm.model import GPT
     from lm.sampling import SamplingConfig
 
@@ -61,7 +61,8 @@ def command(
         "--kv-cache/--no-kv-cache", show_default=False,
         help="Cache keys and values so each token costs one step [default: on].")] = True,
     compile: Annotated[bool, typer.Option(
-        "--compile", metavar="", help="Compile the model with torch.compile (slow start, faster steps).")] = False,
+        "--compile", metavar="",
+        help="Compile the decode step (static shapes; CUDA graphs on GPUs): a slow start, faster steps.")] = False,
     stats: Annotated[bool, typer.Option(
         "--stats", metavar="", help="Print token counts, time to first token and tokens/s to stderr.")] = False,
 ) -> None:
@@ -84,6 +85,8 @@ def command(
         raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     if quantize not in ("none", "int8"):
         raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
+    if compile and not kv_cache:
+        raise UsageError("--compile compiles the cached decode step; drop it or drop --no-kv-cache")
     if prompt is not None and prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
@@ -101,15 +104,15 @@ def command(
     model, tokenizer, _ = load_run(run_dir, torch_device)
     model = prepare_for_generation(model, resolve_dtype(dtype, torch_device), quantize)
     prompt_ids = encode_prompt(tokenizer, prompt or "")
-    if compile:
-        model = _compiled(model, prompt_ids, sampling, num_samples)
+    decoder = _compiled_decoder(model, prompt_ids, sampling, num_samples) if compile else None
     generation = GenerationStats()
     texts = [""] * num_samples
     out = sys.stdout
     out.write(prompt or "")
     out.flush()
     for piece in stream_completions(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=stop or (),
-                                    num_samples=num_samples, seed=seed, use_cache=kv_cache, stats=generation):
+                                    num_samples=num_samples, seed=seed, use_cache=kv_cache, stats=generation,
+                                    decoder=decoder):
         texts[piece.sample] += piece.text
         if piece.sample == 0:  # the first sample streams; the others are printed when all are done
             out.write(piece.text)
@@ -125,22 +128,18 @@ def command(
         _print_stats(generation, str(next(iter(model.parameters())).dtype).removeprefix("torch."), quantize)
 
 
-def _compiled(model: GPT, prompt_ids: list[int], sampling: SamplingConfig, num_samples: int) -> GPT:
-    """torch.compile the model and run it once on a prefill and a decode step, so that compiling (tens
-    of seconds, once) is not counted as generating."""
-    import torch
-
+def _compiled_decoder(model: GPT, prompt_ids: list[int], sampling: SamplingConfig,
+                      num_samples: int) -> CompiledDecoder:
+    """Compile the decode step and run it once, so that compiling (seconds, once) is not counted as
+    generating."""
     from cli.render import stderr
-    from lm.generate import generate_tokens
+    from lm.generate import CompiledDecoder, generate_tokens
 
-    if next(model.parameters()).device.type == "cpu":
-        stderr().print("note: --compile pays off on GPUs; on a CPU the compiled decode step was measured "
-                       "slower than the eager one")
-    compiled = torch.compile(model, dynamic=True)
-    with stderr().status("compiling the model (once)"):
-        for _ in generate_tokens(compiled, prompt_ids, 2, sampling, num_samples=num_samples, seed=0):
+    decoder = CompiledDecoder(model, num_samples)
+    with stderr().status("compiling the decode step (once)"):
+        for _ in generate_tokens(model, prompt_ids, 2, sampling, num_samples=num_samples, seed=0, decoder=decoder):
             pass
-    return compiled
+    return decoder
 
 
 def _end_line(text: str, always: bool = False) -> None:

@@ -69,24 +69,43 @@ class KVCache:
     would cost a pass over the whole context per token. The cache keeps them instead, written by
     position into preallocated (layer, batch, head, position, d_head) buffers, so a new token costs
     one step however long the context already is.
+
+    Two ways to use it. By default new tokens take the next positions after `length`, are written
+    by slice assignment, and attention reads the filled part only. With `static=True` the caller
+    sets `positions` (a tensor) for each call, and attention reads the whole buffer through a mask:
+    every decode step then has the same shapes, which is what torch.compile (and CUDA graphs) need.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, static: bool = False) -> None:
         shape = (config.n_layer, batch_size, config.n_head, config.context_length, config.d_head)
-        # Uninitialised: positions at or past `length` are never read.
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # The default mode never reads a position before writing it, so the buffers may start as
+        # whatever memory held. A static cache multiplies every position by its attention weight, 0
+        # for the masked ones, and 0 x NaN is NaN: it must start from zeros.
+        allocate = torch.zeros if static else torch.empty
+        self.keys = allocate(shape, device=device, dtype=dtype)
+        self.values = allocate(shape, device=device, dtype=dtype)
         self._per_layer = [(self.keys[layer], self.values[layer]) for layer in range(config.n_layer)]
-        self.length = 0  # positions filled
+        self.length = 0  # positions filled (the default mode's bookkeeping)
+        self.static = static
+        self.positions: torch.Tensor | None = None  # static mode: the positions the next call writes
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' keys and values; return all filled positions' keys and values."""
+        """Store the new positions' keys and values; return the keys and values attention should read."""
         keys, values = self._per_layer[layer]
+        if self.static:
+            keys[:, :, self.positions] = k
+            values[:, :, self.positions] = v
+            return keys, values
         end = self.length + k.size(2)
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+    def allowed(self) -> torch.Tensor:
+        """Static mode: (new tokens, buffer length), True where a new token may attend (itself and before)."""
+        assert self.positions is not None
+        return torch.arange(self.keys.size(3), device=self.keys.device) <= self.positions[:, None]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -135,6 +154,8 @@ class Attention(nn.Module):
         weights = None
         if need_weights:
             y, weights = explicit_attention(q, k, v)
+        elif cache is not None and cache.static:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.allowed())
         else:
             y = causal_attention(q, k, v, self.active_dropout)
         y = y.transpose(1, 2).reshape(batch, time, width)
@@ -229,12 +250,12 @@ class GPT(nn.Module):
         With a `cache`, `ids` continue the tokens it holds: they take the next positions, attend to the
         cached keys and values as well as to each other, and are added to the cache.
         """
-        start = cache.length if cache is not None else 0
-        x = self.embed(ids, start)
-        rope = self._rope(start, ids.size(1))
+        positions = self._positions(ids, cache)
+        x = self.embed(ids, positions)
+        rope = self._rope(positions)
         for index, block in enumerate(self.blocks):
             x, _ = block(x, rope, cache=cache, layer=index)
-        if cache is not None:
+        if cache is not None and not cache.static:
             cache.length += ids.size(1)
         logits = self.lm_head(self.norm(x))
         if targets is None:
@@ -248,8 +269,9 @@ class GPT(nn.Module):
 
         Only the chosen layers take the explicit attention path; the others run the fused kernel.
         """
-        x = self.embed(ids)
-        rope = self._rope(0, ids.size(1))
+        positions = self._positions(ids, None)
+        x = self.embed(ids, positions)
+        rope = self._rope(positions)
         hidden, weights = [x], {}
         for index, block in enumerate(self.blocks):
             x, layer_weights = block(x, rope, need_weights=index in attention_layers)
@@ -258,22 +280,30 @@ class GPT(nn.Module):
                 weights[index] = layer_weights
         return Trace(self.lm_head(self.norm(x)), weights, hidden)
 
-    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Token embeddings plus, for learned or sinusoidal positions, those of positions start, start+1, ..."""
+    def _positions(self, ids: torch.Tensor, cache: KVCache | None) -> slice | torch.Tensor:
+        """The positions `ids` take: a slice after the cached tokens, or a static cache's tensor."""
+        if cache is not None and cache.static:
+            assert cache.positions is not None, "set cache.positions before a static-cache call"
+            return cache.positions
+        start = cache.length if cache is not None else 0
         end = start + ids.size(1)
         if end > self.config.context_length:
             raise ValueError(f"positions up to {end} exceed the context length {self.config.context_length}")
+        return slice(start, end)
+
+    def embed(self, ids: torch.Tensor, positions: slice | torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus, for learned or sinusoidal positions, those of `positions`."""
         x = self.tok_emb(ids)
         if self.config.pos_encoding == "learned":
-            x = x + self.pos_emb.weight[start:end]
+            x = x + self.pos_emb.weight[positions]
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start:end]
+            x = x + self.pos_table[positions]
         return dropout(x, self.config.dropout if self.training else 0.0)
 
-    def _rope(self, start: int, time: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rope(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.pos_encoding != "rope":
             return None
-        return self.rope_cos[start:start + time], self.rope_sin[start:start + time]
+        return self.rope_cos[positions], self.rope_sin[positions]
 
 
 def use_decoding_layout(model: GPT) -> GPT:

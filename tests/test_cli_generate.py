@@ -42,6 +42,11 @@ def test_greedy_is_identical_without_the_cache_past_the_context(run: Path) -> No
     assert cached.stdout == generate(run, *args, "--no-kv-cache")
 
 
+def test_compiled_decoding_gives_the_same_text(run: Path) -> None:
+    args = ["--prompt", "TOBIAS.", "-n", "40", "--temperature", "0"]
+    assert generate(run, *args, "--compile") == generate(run, *args)
+
+
 def test_several_samples_share_one_prefill(run: Path) -> None:
     out = generate(run, "--prompt", "WATCHMAN.", "-n", "20", "--num-samples", "3", "--seed", "1")
     rules = [line for line in out.splitlines() if line and set(line) == {"─"}]
@@ -72,6 +77,7 @@ BAD = {
     "missing prompt file": (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
     "unknown quantization": (["--quantize", "int4"], "--quantize 'int4'"),
     "no samples": (["--num-samples", "0"], "--num-samples must be at least 1"),
+    "compile without cache": (["--compile", "--no-kv-cache"], "--compile compiles the cached decode step"),
 }
 
 

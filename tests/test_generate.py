@@ -5,7 +5,15 @@ import torch
 
 from lm import generate as gen
 from lm.config import ModelConfig
-from lm.generate import GenerationStats, Step, StopScanner, generate_tokens, stream_completions, window_keep
+from lm.generate import (
+    CompiledDecoder,
+    GenerationStats,
+    Step,
+    StopScanner,
+    generate_tokens,
+    stream_completions,
+    window_keep,
+)
 from lm.model import GPT, KVCache
 from lm.sampling import SamplingConfig
 from lm.textfiles import find_text_files
@@ -50,6 +58,28 @@ def test_sampled_generation_is_the_same_with_and_without_the_cache(pos_encoding:
                                                        use_cache=False)]
     assert cached == plain
     assert len({t for row in cached for t in row}) > 20
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+def test_the_static_cache_path_agrees_with_the_default_one(pos_encoding: str) -> None:
+    model = random_model(pos_encoding)
+    default = list(generate_tokens(model, [1, 2, 3], 80, GREEDY))
+    static = list(generate_tokens(model, [1, 2, 3], 80, GREEDY, decoder=CompiledDecoder(model, compile=False)))
+    for a, b in zip(default, static, strict=True):
+        assert torch.allclose(a.logits, b.logits, atol=1e-5, rtol=0) and torch.equal(a.ids, b.ids)
+
+
+def test_the_compiled_decode_step_agrees_and_is_reused() -> None:
+    model = random_model("rope")
+    decoder = CompiledDecoder(model, batch_size=2)
+    sampling = SamplingConfig(temperature=1.0, top_k=0)
+    plain = [s.ids.tolist() for s in generate_tokens(model, [4, 5], 70, sampling, num_samples=2, seed=3)]
+    compiled = [s.ids.tolist() for s in generate_tokens(model, [4, 5], 70, sampling, num_samples=2, seed=3,
+                                                          decoder=decoder)]
+    assert compiled == plain  # 70 tokens through a 32-token window: slides included
+    torch._dynamo.utils.counters.clear()
+    list(generate_tokens(model, [9], 40, GREEDY, num_samples=2, decoder=decoder))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing recompiled
 
 
 def test_a_decode_step_sees_every_cached_token() -> None:
