@@ -9,7 +9,9 @@ import typer
 
 from cli import (
     corpus,
+    export,
     generate,
+    import_hf,
     info,
     inspect_attention,
     inspect_embeddings,
@@ -35,6 +37,8 @@ app.command("train")(train.command)
 app.command("generate")(generate.command)
 app.command("inspect-attention")(inspect_attention.command)
 app.command("inspect-embeddings")(inspect_embeddings.command)
+app.command("export")(export.command)
+app.command("import")(import_hf.command)
 app.command("info")(info.command)
 app.command("presets")(presets.command)
 
