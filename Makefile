@@ -58,6 +58,7 @@ bench: $(VENV)/.installed-dev,bench
 	$(BIN)/python bench/quality.py --corpus $(CORPUS)
 	$(BIN)/python bench/generate.py --run $(RUN)
 	$(BIN)/python bench/inspect_attention.py --run $(RUN)
+	$(BIN)/python bench/ddp.py --corpus $(CORPUS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info

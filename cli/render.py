@@ -36,9 +36,9 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def byte_progress() -> Progress:
+def byte_progress(console: Console | None = None) -> Progress:
     """A transient progress bar counting bytes, drawn on standard error when it is a terminal."""
-    console = stderr()
+    console = console or stderr()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

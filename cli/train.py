@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from lm.data import TokenCorpus
+    from lm.distributed import Distributed
     from lm.textfiles import TextFiles
     from lm.tokenizer import Tokenizer
     from lm.train import Evaluation, Trainer, TrainOutcome, TrainUpdate
@@ -40,6 +41,11 @@ def command(
         "--resume", metavar="", help="Continue the run in --out from its last rundir.")] = False,
     force: Annotated[bool, typer.Option(
         "--force", "-f", metavar="", help="Replace a run already in --out.")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", metavar="N", help="Train with N processes on this machine (starts torchrun for you).")] = 1,
+    fsdp: Annotated[bool | None, typer.Option(
+        "--fsdp/--ddp", show_default=False,
+        help="With several processes: shard the model (FSDP2) instead of copying it (DDP, the default).")] = None,
     # Model shape
     n_layer: Annotated[int | None, typer.Option(
         "--n-layer", metavar="N", rich_help_panel=MODEL, help="Transformer blocks.")] = None,
@@ -70,7 +76,8 @@ def command(
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", metavar="N", rich_help_panel=TRAIN, help="Optimiser steps in the whole run.")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN, help="Windows per micro-batch.")] = None,
+        "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN,
+        help="Windows per micro-batch, all processes together.")] = None,
     grad_accum: Annotated[int | None, typer.Option(
         "--grad-accum", metavar="K", rich_help_panel=TRAIN, help="Micro-batches per optimiser step.")] = None,
     lr: Annotated[float | None, typer.Option(
@@ -120,7 +127,7 @@ def command(
     from cli.render import stderr
     from lm import rundir
     from lm.config import preset as named_preset
-    from lm.config import with_overrides
+    from lm.config import to_dict, with_overrides
     from lm.errors import UsageError
 
     model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
@@ -130,7 +137,7 @@ def command(
                        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
                        "save_every": save_every, "sample_tokens": sample_tokens, "val_fraction": val_fraction,
-                       "seed": seed, "device": device, "dtype": dtype, "compile": compile}
+                       "seed": seed, "device": device, "dtype": dtype, "compile": compile, "fsdp": fsdp}
     console = stderr()
 
     # Everything that can be wrong is checked before anything is written or deleted.
@@ -153,70 +160,141 @@ def command(
         train_config = with_overrides(chosen.train, train_overrides)
     train_config.validate()
     model_config.validate()
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    from lm.distributed import launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        from lm.train import check_batch_split
+
+        check_batch_split(train_config.batch_size, nproc)
+        raise typer.Exit(_launch_processes(nproc))
     if resume:
         rundir.prepare_run_dir(out, resume=True, force=False)
     elif rundir.is_run(out) and not force:
         rundir.prepare_run_dir(out, resume=False, force=False)  # raises: a run is there already
 
     # Only now the heavy imports (torch): the checks above answer at once.
+    from lm import distributed
     from lm.data import split_tokens
     from lm.device import resolve_device, resolve_dtype
     from lm.textfiles import find_text_files
     from lm.tokenizer import Tokenizer
-    from lm.train import Trainer, TrainingSetup
+    from lm.train import Trainer, TrainingSetup, check_batch_split
 
     torch_device = resolve_device(train_config.device)
     resolve_dtype(train_config.dtype, torch_device)
     sources = find_text_files(paths, exclude=[out / rundir.TOKENIZER])
-
-    tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _train_tokenizer(sources, vocab_size)
-    model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
-    if resume:
-        rundir.check_same_model(info.model, model_config)
-    corpus = _tokenize(sources, tok)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
-    splits = split_tokens(corpus.tokens, train_config.val_fraction, model_config.context_length)
-
-    if not resume:
-        rundir.prepare_run_dir(out, resume=False, force=force)
-    # Absolute paths, so that --resume (which reuses them) works from any folder.
-    extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
-                                 "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
-                                 "train_tokens": len(splits.train), "val_tokens": len(splits.val)}}
-    setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, extra_config=extra)
-    trainer = Trainer(setup)
-    _describe_start(console, trainer)
-    outcome = _run_with_progress(trainer, console)
-    _describe_end(outcome, out)
+    context = distributed.init(torch_device.type)
+    # Other processes print nothing: their errors still reach standard error.
+    console = stderr() if context.is_main else Console(quiet=True)
+    try:
+        check_batch_split(train_config.batch_size, context.world_size)
+        tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _shared_tokenizer(
+            context, sources, vocab_size, console)
+        model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
+        if resume:
+            rundir.check_same_model(info.model, model_config)
+        corpus = _shared_corpus(context, sources, tok, console)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
+        splits = split_tokens(corpus.tokens, train_config.val_fraction, model_config.context_length)
+        facts = [to_dict(model_config), to_dict(train_config), len(corpus.tokens), corpus.path.name]
+        distributed.check_same(context, "configuration or training text", facts)
+        if not resume and context.is_main:
+            rundir.prepare_run_dir(out, resume=False, force=force)
+        distributed.barrier(context)
+        # Absolute paths, so that --resume (which reuses them) works from any folder.
+        extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
+                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
+                                     "train_tokens": len(splits.train), "val_tokens": len(splits.val)}}
+        setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, distributed=context,
+                              extra_config=extra)
+        trainer = Trainer(setup)
+        _describe_start(console, trainer)
+        outcome = _run_with_progress(trainer, console)
+        if context.is_main:
+            _describe_end(outcome, out)
+    finally:
+        distributed.shutdown(context)
     if outcome.status == "interrupted":
         raise typer.Exit(130)
 
 
-def _train_tokenizer(sources: TextFiles, vocab_size: int) -> Tokenizer:
-    from cli.render import byte_progress, stderr
+def _launch_processes(nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` processes on this machine; return its exit code."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from lm.distributed import DistributedError
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes speak for themselves
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lm", *args]))
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes <= {130, -2, -15}:  # stopped by Ctrl-C or SIGTERM: process 0 said how to resume
+            return 130
+        rank, failure = min(err.failures.items())
+        raise DistributedError(f"process {rank} of {nproc} failed (exit code {failure.exitcode}); its message is "
+                               "above") from None
+    return 0
+
+
+def _shared_tokenizer(context: Distributed, sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
+    """Trained once, by process 0, and handed to the others."""
+    from lm import distributed
+    from lm.tokenizer import Tokenizer
+
+    text = [_train_tokenizer(sources, vocab_size, console).to_str()] if context.is_main else [""]
+    distributed.broadcast(context, text)
+    return Tokenizer.from_str(text[0])
+
+
+def _shared_corpus(context: Distributed, sources: TextFiles, tok: Tokenizer, console: Console) -> TokenCorpus:
+    """Encoded once, by process 0; the others then find it in the cache."""
+    from lm import distributed
+
+    corpus = _tokenize(sources, tok, console) if context.is_main else None
+    distributed.barrier(context)
+    return corpus if corpus is not None else _tokenize(sources, tok, console)
+
+
+def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
+    from cli.render import byte_progress
     from lm.tokenizer import TokenizerConfig, train_tokenizer
 
     config = TokenizerConfig(vocab_size=vocab_size)
-    stderr().print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the same text first.")
-    with byte_progress() as progress:
+    console.print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the same text first.")
+    with byte_progress(console) as progress:
         task = progress.add_task("tokenizer", total=sources.total_bytes)
         tok, report = train_tokenizer(sources, config, lambda n, _: progress.update(task, completed=n))
-    stderr().print(f"Tokenizer: {report.vocab_size:,} tokens, {report.bytes_per_token:.2f} bytes/token "
-                   f"({report.seconds:.1f} s); it is saved in the run directory.")
+    console.print(f"Tokenizer: {report.vocab_size:,} tokens, {report.bytes_per_token:.2f} bytes/token "
+                  f"({report.seconds:.1f} s); it is saved in the run directory.")
     return tok
 
 
-def _tokenize(sources: TextFiles, tok: Tokenizer) -> TokenCorpus:
-    from cli.render import byte_progress, human_bytes, stderr
+def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console) -> TokenCorpus:
+    from cli.render import byte_progress, human_bytes
     from lm.data import tokenize_corpus
 
-    with byte_progress() as progress:
+    with byte_progress(console) as progress:
         task = progress.add_task("encoding", total=sources.total_bytes)
         corpus = tokenize_corpus(sources, tok, lambda done, total: progress.update(task, completed=done))
     how = "cached" if corpus.reused else "encoded"
     files = f"{corpus.files:,} file{'s' if corpus.files != 1 else ''}"
-    stderr().print(f"Corpus: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
-                   f"tokens ({how}: {corpus.path})")
+    console.print(f"Corpus: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
+                  f"tokens ({how}: {corpus.path})")
     return corpus
 
 
@@ -231,7 +309,8 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
     compiled = ", compiled" if config.compile else ""
     console.print(
         f"Training: {config.max_steps:,} steps x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
-        f" x accum {config.grad_accum} x context {shape.context_length}), lr {config.lr:g}, on "
+        + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")
+        + f" x accum {config.grad_accum} x context {shape.context_length}), lr {config.lr:g}, on "
         f"{trainer.device.type} in {precision}{compiled}"
         + (f"; resuming at step {trainer.step:,}" if setup.resume else ""))
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lm.atomic import atomic_open, atomic_write_text
+from lm.config import ModelConfig
 from lm.errors import InputError
 from lm.model import GPT
 from lm.rundir import CONFIG, STATE, STATE_DIR, TOKENIZER, WEIGHTS, RunInfo, latest_checkpoint, read_config
@@ -32,14 +33,14 @@ from lm.tokenizer import Tokenizer
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights to save: each tensor once (a tied output head is the embedding), no compile prefixes."""
     model = getattr(model, "_orig_mod", model)
-    seen: set[int] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.detach().to("cpu").contiguous()
-    return state
+    return deduplicate(model.state_dict(), model.config)
+
+
+def deduplicate(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A gathered state dict in the saved form: the tied output head is the embedding, stored once."""
+    if config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def load_weights(model: GPT, path: Path) -> None:
@@ -59,7 +60,7 @@ def load_weights(model: GPT, path: Path) -> None:
     model.load_state_dict(weights, strict=False)  # the tied head is the embedding, not saved twice
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, state: dict[str, Any], step: int) -> None:
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], step: int) -> None:
     """Write weights and training state for `step` as one all-or-nothing checkpoint (see module docstring)."""
     state_dir = path / STATE_DIR
     state_dir.mkdir(exist_ok=True)
@@ -67,7 +68,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, state: dict[str, Any], s
     final = state_dir / name
     staging = Path(tempfile.mkdtemp(dir=state_dir, prefix=f".{name}.", suffix=".partial"))
     try:
-        save_file(model_state_dict(model), str(staging / WEIGHTS), metadata={"step": str(step)})
+        save_file(weights, str(staging / WEIGHTS), metadata={"step": str(step)})
         torch.save(state, staging / STATE)
         for file in staging.iterdir():
             _fsync(file)

@@ -74,7 +74,7 @@ class TrainConfig:
     """How to train: schedule, batch, optimiser and machine settings."""
 
     max_steps: int = 2000
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # windows per micro-batch, all processes together (each takes its share)
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # with several processes: shard the model with FSDP2 instead of copying it (DDP)
 
     def validate(self) -> TrainConfig:
         _choice("--device", self.device, DEVICES)

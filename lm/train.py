@@ -24,15 +24,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from lm import checkpoint, rundir
+from lm import checkpoint, distributed, rundir
 from lm.config import ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, eval_windows, token_byte_lengths
 from lm.device import configure_matmul, peak_flops, resolve_device, resolve_dtype
-from lm.errors import LmError
+from lm.distributed import Distributed, DistributedError
+from lm.errors import LmError, UsageError
 from lm.generate import complete
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
+
+# Whole tensors, on the CPU, in the process that asks (rank 0 with FSDP): what a checkpoint stores.
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class TrainingDiverged(LmError):
@@ -79,9 +89,21 @@ class TrainingSetup:
     tokenizer: Tokenizer
     splits: Splits
     resume: bool = False
-    rank: int = 0
-    world_size: int = 1
+    distributed: Distributed = field(default_factory=Distributed)
     extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Each process takes an equal share of every batch: the batch must divide by the process count."""
+    if batch_size % world_size:
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over {world_size} processes; "
+                         f"use a multiple of {world_size}")
+
+
+def _kept(last_checkpoint: int) -> str:
+    if last_checkpoint == 0:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {last_checkpoint}) is kept"
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -148,13 +170,24 @@ class Trainer:
     def __init__(self, setup: TrainingSetup) -> None:
         self.setup = setup
         self.config = setup.train_config
+        self.dist = setup.distributed
         self.device = resolve_device(self.config.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)  # each process on its own GPU
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         configure_matmul(self.device)
         torch.manual_seed(self.config.seed)
         self.model = GPT(setup.model_config).to(self.device)
-        if setup.rank == 0:
+        self.flops_per_token = flops_per_token(self.model)  # before sharding: it counts whole matrices
+        if self.dist.is_main:
             self._write_run_files()
+        resumed = checkpoint.load_training_state(setup.run_dir) if setup.resume else None
+        if resumed is not None:
+            checkpoint.load_weights(self.model, resumed[0] / rundir.WEIGHTS)
+        check_batch_split(self.config.batch_size, self.dist.world_size)
+        self.fsdp = self.config.fsdp and self.dist.enabled
+        # The module the training step runs: DDP around the model, or the model itself, sharded.
+        self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
         self.optimizer = make_optimizer(self.model, self.config, self.device)
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -162,19 +195,18 @@ class Trainer:
         self.step = 0
         self.elapsed_s = 0.0
         self.tokens_seen = 0
-        if setup.resume:
-            self._restore()
-        self.forward = torch.compile(self.model) if self.config.compile else self.model
+        if resumed is not None:
+            self._restore(resumed[1])
+        self.forward = torch.compile(self.network) if self.config.compile else self.network
         self.byte_lengths = token_byte_lengths(setup.tokenizer).to(self.device)
         self.val_windows = eval_windows(setup.splits.val, setup.model_config.context_length,
                                         self.config.eval_batches * self.config.batch_size)
         self.peak = peak_flops(self.device, self.dtype)
-        self.flops_per_token = flops_per_token(self.model)
 
     @property
     def tokens_per_step(self) -> int:
         c = self.config
-        return c.batch_size * c.grad_accum * self.setup.world_size * self.setup.model_config.context_length
+        return c.batch_size * c.grad_accum * self.setup.model_config.context_length
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -195,14 +227,22 @@ class Trainer:
         evaluation = None
         run_started = time.perf_counter() - self.elapsed_s
         while self.step < config.max_steps:
-            if should_stop is not None and should_stop():
+            if distributed.any_process(self.dist, should_stop is not None and should_stop(), self.device):
                 self._check_finite(interval_loss, interval_steps, last_checkpoint)
                 self._save()
                 self.elapsed_s = time.perf_counter() - run_started
                 return TrainOutcome("interrupted", self.step, config.max_steps, self.elapsed_s, evaluation)
             lr = lr_at(self.step, config)
             started = time.perf_counter()
-            interval_loss += self._train_step(lr)
+            try:
+                interval_loss += self._train_step(lr)
+            except RuntimeError as err:
+                if not self.dist.enabled:
+                    raise
+                # Usually another process died and the collective lost its peer.
+                raise DistributedError(
+                    f"a collective operation failed at step {self.step + 1} ({str(err).splitlines()[0][:120]}); "
+                    f"another process has probably failed (see its message); {_kept(last_checkpoint)}") from err
             self.step += 1
             interval_steps += 1
             self.tokens_seen += self.tokens_per_step
@@ -214,7 +254,7 @@ class Trainer:
                 update.loss = loss
                 update.tokens_per_s = interval_steps * self.tokens_per_step / interval_seconds
                 if self.peak is not None:
-                    update.mfu = self.flops_per_token * update.tokens_per_s / (self.peak * self.setup.world_size)
+                    update.mfu = self.flops_per_token * update.tokens_per_s / (self.peak * self.dist.world_size)
                 since_eval.append(loss)
                 interval_loss.zero_()
                 interval_steps, interval_seconds = 0, 0.0
@@ -240,12 +280,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(self.config.grad_accum):
+        for micro in range(self.config.grad_accum):
             inputs, targets = self._batch()
-            with self.autocast():
+            last = micro == self.config.grad_accum - 1
+            with self.autocast(), self._gradient_sync(last):
                 _, loss = self.forward(inputs, targets)
-            loss = loss / self.config.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss = loss / self.config.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -259,8 +300,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
+    def _gradient_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Exchange gradients between processes only after the last micro-batch of a step."""
+        if self.fsdp:
+            self.network.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
+        elif self.dist.enabled and not last_micro_batch:
+            return self.network.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.sampler.next_batch(self.config.batch_size, self.setup.rank, self.setup.world_size)
+        share = self.config.batch_size // self.dist.world_size
+        inputs, targets = self.sampler.next_batch(share, self.dist.rank, self.dist.world_size)
         if self.device.type == "cuda":
             return (inputs.pin_memory().to(self.device, non_blocking=True),
                     targets.pin_memory().to(self.device, non_blocking=True))
@@ -284,12 +334,11 @@ class Trainer:
                         seed=self.config.seed + self.step)
 
     def _check_finite(self, interval_loss: torch.Tensor, steps: int, last_checkpoint: int) -> float:
-        loss = interval_loss.item() / max(steps, 1)
+        loss = distributed.mean(self.dist, interval_loss.clone()).item() / max(steps, 1)
         if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss} before step {self.step}; the last good checkpoint (step "
-                f"{last_checkpoint}) is kept. Lower --lr (now {self.config.lr:g}) or raise --warmup-steps, "
-                "then start again or --resume")
+                f"the loss became {loss} before step {self.step}; {_kept(last_checkpoint)}. Lower --lr (now "
+                f"{self.config.lr:g}) or raise --warmup-steps, then start again or --resume")
         return loss
 
     def _log(self, update: TrainUpdate) -> None:
@@ -301,7 +350,7 @@ class Trainer:
         if update.evaluation is not None:
             record["val_loss"] = round(update.evaluation.val_loss, 6)
             record["val_bpb"] = round(update.evaluation.val_bpb, 6)
-        if self.setup.rank == 0:
+        if self.dist.is_main:
             rundir.append_metrics(self.setup.run_dir, record)
 
     def _write_run_files(self) -> None:
@@ -313,10 +362,11 @@ class Trainer:
             setup.tokenizer.save(setup.run_dir / rundir.TOKENIZER, overwrite=True)
 
     def _state(self) -> dict[str, Any]:
+        """The training state to checkpoint (with FSDP every process must call this: it gathers)."""
         state: dict[str, Any] = {
             "step": self.step, "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_ON_CPU),
+            "sampler": self.sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -325,13 +375,17 @@ class Trainer:
         return state
 
     def _save(self) -> None:
-        if self.setup.rank == 0:
-            checkpoint.save_checkpoint(self.setup.run_dir, self.model, self._state(), self.step)
+        weights = (checkpoint.deduplicate(get_model_state_dict(self.model, options=FULL_ON_CPU), self.model.config)
+                   if self.fsdp else checkpoint.model_state_dict(self.model))
+        state = self._state()
+        if self.dist.is_main:
+            checkpoint.save_checkpoint(self.setup.run_dir, weights, state, self.step)
+        distributed.barrier(self.dist)  # nobody runs ahead of a checkpoint being written
 
-    def _restore(self) -> None:
-        folder, state = checkpoint.load_training_state(self.setup.run_dir)
-        checkpoint.load_weights(self.model, folder / rundir.WEIGHTS)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore(self, state: dict[str, Any]) -> None:
+        # Every process read the same full checkpoint; FSDP keeps its own shard of each tensor.
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=self.fsdp))
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -339,4 +393,5 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
-        rundir.truncate_metrics(self.setup.run_dir, self.step)
+        if self.dist.is_main:
+            rundir.truncate_metrics(self.setup.run_dir, self.step)
