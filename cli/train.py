@@ -224,6 +224,7 @@ def _launch_processes(nproc: int) -> int:
     """Run this same command under torchrun with `nproc` processes on this machine; return its exit code."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -241,6 +242,8 @@ def _launch_processes(nproc: int) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes speak for themselves
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lm", *args]))
+    except SignalException:  # Ctrl-C or SIGTERM reached the launcher; the processes stopped and saved
+        return 130
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
         if codes <= {130, -2, -15}:  # stopped by Ctrl-C or SIGTERM: process 0 said how to resume
@@ -322,7 +325,9 @@ def _run_with_progress(trainer: Trainer, console: Console) -> TrainOutcome:
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stop_requested
-        if stop_requested:  # a second Ctrl-C: stop now (the last checkpoint on disk is complete)
+        # A second Ctrl-C stops at once (the last checkpoint on disk is complete). Under torchrun the
+        # launcher forwards a SIGTERM right after the terminal's SIGINT: that one must not abort the save.
+        if stop_requested and not trainer.dist.enabled:
             raise KeyboardInterrupt
         stop_requested = True
         console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
