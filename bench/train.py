@@ -6,6 +6,9 @@ precision (float32 on a CPU), same optimiser (torch AdamW, fused, lr 1e-3, weigh
 backward, clip, optimiser step); blocks of the models alternate so a drifting machine hits all alike.
 With `--compile`, torch.compile'd versions of both run too. Target: lm >= 1.2x.
 
+On an x86 CPU lm computes its linear layers with oneDNN instead of PyTorch's default (MKL), see
+lm/linear.py; the row "lm, PyTorch's default matmul" shows lm's model without that choice.
+
     python bench/train.py --compile  (or: make bench)
     python bench/train.py --device cuda --dtype bfloat16 --layers 12 --width 768 --heads 12 \\
         --context 1024 --batch 8      (GPT-2 small's shape on a GPU)
@@ -23,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import lm.linear
 from lm.config import ModelConfig
 from lm.model import GPT
 
@@ -71,6 +75,18 @@ def make_step(model: torch.nn.Module, args: argparse.Namespace, is_hf: bool, com
     return step
 
 
+def with_default_matmul(step: Callable[[], float]) -> Callable[[], float]:
+    """The step with lm's linear layers left to PyTorch's default kernels (what lm.linear replaces)."""
+    def run() -> float:
+        chosen = lm.linear.onednn_available
+        lm.linear.onednn_available = lambda: False
+        try:
+            return step()
+        finally:
+            lm.linear.onednn_available = chosen
+    return run
+
+
 def timed_block(step: Callable[[], float], steps: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -100,6 +116,9 @@ def main() -> None:
     torch.manual_seed(0)
     steps = {"lm": make_step(lm_model(args), args, is_hf=False, compile=False),
              "transformers GPT2LMHeadModel": make_step(hf_model(args), args, is_hf=True, compile=False)}
+    if args.device == "cpu" and lm.linear.onednn_available():
+        steps["lm, PyTorch's default matmul"] = with_default_matmul(
+            make_step(lm_model(args), args, is_hf=False, compile=False))
     if args.compile:
         steps["lm, compiled"] = make_step(lm_model(args), args, is_hf=False, compile=True)
         steps["transformers, compiled"] = make_step(hf_model(args), args, is_hf=True, compile=True)

@@ -117,7 +117,7 @@ def command(
         help="auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU).")] = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", rich_help_panel=TRAIN, show_default=False,
-        help="Compile the model with torch.compile (faster steps after a slow first one).")] = None,
+        help="Compile the model with torch.compile (on GPUs: faster steps after a slow first one).")] = None,
 ) -> None:
     """Train a GPT on text: next-token prediction, checkpointed, resumable.
 

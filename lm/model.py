@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig
+from lm.linear import linear
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, time, width = x.shape
         q, k, v = (t.view(batch, time, self.n_head, self.d_head).transpose(1, 2)
-                   for t in self.qkv(x).split(width, dim=2))
+                   for t in linear(self.qkv, x).split(width, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -159,7 +160,7 @@ class Attention(nn.Module):
         else:
             y = causal_attention(q, k, v, self.active_dropout)
         y = y.transpose(1, 2).reshape(batch, time, width)
-        return dropout(self.proj(y), self.active_dropout), weights
+        return dropout(linear(self.proj, y), self.active_dropout), weights
 
     @property
     def active_dropout(self) -> float:
@@ -180,8 +181,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GELU with the tanh approximation, as GPT-2 used; SwiGLU gates one projection with another.
-        hidden = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x), approximate="tanh")
-        return dropout(self.proj(hidden), self.dropout if self.training else 0.0)
+        if self.swiglu:
+            hidden = F.silu(linear(self.gate, x)) * linear(self.fc, x)
+        else:
+            hidden = F.gelu(linear(self.fc, x), approximate="tanh")
+        return dropout(linear(self.proj, hidden), self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -257,7 +261,7 @@ class GPT(nn.Module):
             x, _ = block(x, rope, cache=cache, layer=index)
         if cache is not None and not cache.static:
             cache.length += ids.size(1)
-        logits = self.lm_head(self.norm(x))
+        logits = linear(self.lm_head, self.norm(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -278,7 +282,7 @@ class GPT(nn.Module):
             hidden.append(x)
             if layer_weights is not None:
                 weights[index] = layer_weights
-        return Trace(self.lm_head(self.norm(x)), weights, hidden)
+        return Trace(linear(self.lm_head, self.norm(x)), weights, hidden)
 
     def _positions(self, ids: torch.Tensor, cache: KVCache | None) -> slice | torch.Tensor:
         """The positions `ids` take: a slice after the cached tokens, or a static cache's tensor."""

@@ -6,7 +6,7 @@ Backpropagation gives every weight's gradient and AdamW moves the weights a litt
 
 Speed on a GPU comes from bf16 autocast (fp16 with a gradient scaler where bf16 is missing), TF32
 matrix products, fused attention kernels, the fused AdamW and, optionally, `torch.compile`. On a CPU
-the same code runs in float32.
+the same code runs in float32, its linear layers on oneDNN's matrix products (lm/linear.py).
 
 The library never prints: progress goes to an `on_update` callback, and the caller's `should_stop`
 is polled every step so Ctrl-C can end a run with a checkpoint instead of a traceback.
