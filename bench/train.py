@@ -7,7 +7,9 @@ backward, clip, optimiser step); blocks of the models alternate so a drifting ma
 With `--compile`, torch.compile'd versions of both run too. Target: lm >= 1.2x.
 
 On an x86 CPU lm computes its linear layers with oneDNN instead of PyTorch's default (MKL), see
-lm/linear.py; the row "lm, PyTorch's default matmul" shows lm's model without that choice.
+lm/linear.py; the row "lm, PyTorch's default matmul" shows lm's model without that choice. The
+malloc setting `lm train` makes on Linux (lm.device.keep_freed_memory) is left out here: it is
+process-wide, so in this one process it would speed up both models.
 
     python bench/train.py --compile  (or: make bench)
     python bench/train.py --device cuda --dtype bfloat16 --layers 12 --width 768 --heads 12 \\

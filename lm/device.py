@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
 import warnings
 
 import torch
@@ -70,6 +73,27 @@ def configure_matmul(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    By default glibc serves each large block (the logits and their gradients: 25-35 MB at the `tiny`
+    preset's sizes) with a fresh mmap and hands it back to the kernel when freed, so every step
+    page-faults its way through the same memory again: a third of the wall time of `lm train
+    --preset tiny` on the development machine went to the kernel (13.5 s of 26 s for 200 steps;
+    18 s with this, 0.5 s of it in the kernel). Allocating from the heap and never trimming it keeps
+    the pages mapped; the process then holds its peak memory until it exits, which a training run
+    does anyway. Returns whether the setting took (Linux with glibc only; elsewhere nothing changes).
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

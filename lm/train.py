@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from lm import checkpoint, distributed, rundir
 from lm.config import ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, eval_windows, token_byte_lengths
-from lm.device import configure_matmul, peak_flops, resolve_device, resolve_dtype
+from lm.device import configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
 from lm.generate import complete
@@ -176,6 +176,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)  # each process on its own GPU
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         configure_matmul(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(self.config.seed)
         self.model = GPT(setup.model_config).to(self.device)
         self.flops_per_token = flops_per_token(self.model)  # before sharding: it counts whole matrices
