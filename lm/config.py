@@ -174,7 +174,7 @@ def _preset(name: str, description: str, model: dict[str, Any], train: dict[str,
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _preset("tiny", "the CPU demo: 2-3 minutes on a 2-core CPU",
             {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 128},
-            {"max_steps": 1000, "batch_size": 8, "lr": 2e-3, "warmup_steps": 50, "eval_every": 200,
+            {"max_steps": 1000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 50, "eval_every": 200,
              "eval_batches": 8, "log_every": 20}),
     _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
             {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256},
