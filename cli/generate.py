@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -123,6 +125,8 @@ def command(
         _rule()
         out.write(text)
         _end_line(text, always=index < num_samples - 1)
+    if stats and _stderr_joins_stdout():
+        _end_line(shown[-1], always=True)  # the table must not start mid-line (2>&1, make demo's log)
     out.flush()
     if stats:
         _print_stats(generation, str(next(iter(model.parameters())).dtype).removeprefix("torch."), quantize)
@@ -146,6 +150,13 @@ def _end_line(text: str, always: bool = False) -> None:
     # In a terminal (or before a rule) finish the line; into a pipe or file, write exactly the text.
     if (always or sys.stdout.isatty()) and not text.endswith("\n"):
         sys.stdout.write("\n")
+
+
+def _stderr_joins_stdout() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):  # replaced streams (tests) have no descriptor
+        return False
 
 
 def _rule() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, assert_one_line_error, run_lm
+from conftest import LM, SAMPLE, assert_one_line_error, run_lm
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,11 @@ def test_output_is_the_prompt_then_the_continuation_and_nothing_else(run: Path) 
     assert stats.stdout == result.stdout  # statistics never reach standard output
     for label in ("prompt tokens", "new tokens", "time to first token", "tokens/s", "device", "seed"):
         assert label in stats.stderr
+    # Both streams into one pipe (2>&1, a log file): the table starts on a line of its own.
+    joined = subprocess.run([str(LM), "generate", str(run), "--prompt", "MARGERY.", "-n", "30", "--seed", "3",
+                             "--stats"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert joined.stdout.startswith(result.stdout.rstrip("\n") + "\n")
+    assert "\nprompt tokens" in joined.stdout
 
 
 def test_greedy_is_identical_without_the_cache_past_the_context(run: Path) -> None:
