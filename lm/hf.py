@@ -33,6 +33,10 @@ from lm.model import GPT
 from lm.tokenizer import END_OF_TEXT, Tokenizer
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# Per-block parameter names, ours and GPT2LMHeadModel's (whose linear layers are Conv1D: weight (in, out)).
+GPT2_NORMS = (("norm1", "ln_1"), ("norm2", "ln_2"))
+GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                ("mlp.proj", "mlp.c_proj"))
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -119,10 +123,9 @@ def _to_gpt2(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
            "transformer.ln_f.weight": state["norm.weight"], "transformer.ln_f.bias": state["norm.bias"]}
     for i in range(config.n_layer):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+        for a, b in GPT2_NORMS:
             out[f"{theirs}{b}.weight"], out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.weight"], state[f"{ours}{a}.bias"]
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                     ("mlp.proj", "mlp.c_proj")):
+        for a, b in GPT2_LINEARS:
             out[f"{theirs}{b}.weight"] = state[f"{ours}{a}.weight"].t().contiguous()  # Conv1D: (in, out)
             out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.bias"]
     if not config.tie_embeddings:
@@ -226,10 +229,9 @@ def _gpt2_to_lm(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
              "norm.weight": t["ln_f.weight"], "norm.bias": t["ln_f.bias"]}
     for i in range(config.n_layer):
         ours, theirs = f"blocks.{i}.", f"h.{i}."
-        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+        for a, b in GPT2_NORMS:
             state[f"{ours}{a}.weight"], state[f"{ours}{a}.bias"] = t[f"{theirs}{b}.weight"], t[f"{theirs}{b}.bias"]
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                     ("mlp.proj", "mlp.c_proj")):
+        for a, b in GPT2_LINEARS:
             state[f"{ours}{a}.weight"] = t[f"{theirs}{b}.weight"].t().contiguous()
             state[f"{ours}{a}.bias"] = t[f"{theirs}{b}.bias"]
     if not config.tie_embeddings:
