@@ -88,3 +88,10 @@ def test_training_steps_with_and_without_onednn_agree(monkeypatch: pytest.Monkey
     without = losses()
     assert with_onednn[-1] < with_onednn[0]
     assert with_onednn == pytest.approx(without, abs=1e-5)
+
+
+def test_the_availability_probe_leaves_the_random_state_alone() -> None:
+    onednn_available.cache_clear()
+    state = torch.random.get_rng_state()
+    onednn_available()
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded runs stay the same whenever it first runs
