@@ -120,13 +120,13 @@ def command(
             out.write(piece.text)
             out.flush()
     shown = [(prompt or "") + text for text in texts]
-    _end_line(shown[0], always=num_samples > 1)
-    for index, text in enumerate(shown[1:], start=1):
-        _rule()
-        out.write(text)
-        _end_line(text, always=index < num_samples - 1)
-    if stats and _stderr_joins_stdout():
-        _end_line(shown[-1], always=True)  # the table must not start mid-line (2>&1, make demo's log)
+    # The stats table must not start mid-line when it shares the stream (2>&1, make demo's log).
+    end_last = stats and _stderr_joins_stdout()
+    for index, text in enumerate(shown):
+        if index > 0:
+            _rule()
+            out.write(text)
+        _end_line(text, always=index < num_samples - 1 or end_last)
     out.flush()
     if stats:
         _print_stats(generation, str(next(iter(model.parameters())).dtype).removeprefix("torch."), quantize)
