@@ -352,7 +352,13 @@ def _tiktoken_batch_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[
             return None
         ranks[key] = len(rank_to_id)
         rank_to_id.append(vocab[token])
-    encoding = tiktoken.Encoding("lm", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    # Special tokens are named so that tiktoken's search for them looks for something: with none, it
+    # tries an empty pattern at every character and runs at half speed. They stay text (none is allowed).
+    specials = {}
+    for text, token_id in tokenizer.special_tokens.items():
+        specials[text] = len(rank_to_id)
+        rank_to_id.append(token_id)
+    encoding = tiktoken.Encoding("lm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     ids = np.asarray(rank_to_id, dtype=np.uint32)
 
     def encode(texts: list[str]) -> list[np.ndarray]:
