@@ -58,6 +58,8 @@ bench: $(VENV)/.installed-dev,bench
 	$(LM) corpus shakespeare --out $(CORPUS)
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)/train
+	$(BIN)/python bench/encode.py --corpus $(CORPUS)/train
+	$(BIN)/python bench/finetune.py --corpus $(CORPUS)
 	$(BIN)/python bench/train.py --compile
 	$(BIN)/python bench/quality.py --corpus $(CORPUS)
 	$(BIN)/python bench/generate.py --run $(RUN)

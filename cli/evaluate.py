@@ -31,6 +31,9 @@ def command(
     stride: Annotated[int | None, typer.Option(
         "--stride", metavar="S", show_default=False,
         help="How far each window moves on [default: half the model's context].")] = None,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", metavar="NAME",
+        help="JSON Lines and Parquet files: the field (column) that holds each record's text.")] = "text",
 ) -> None:
     """Score runs on a text: loss per token, perplexity and bits per byte, per file and in total.
 
@@ -51,7 +54,7 @@ def command(
     if device not in DEVICES or dtype not in DTYPES:
         bad, allowed = ("--device", DEVICES) if device not in DEVICES else ("--dtype", DTYPES)
         raise UsageError(f"{bad} {device if bad == '--device' else dtype!r} is not one of: {', '.join(allowed)}")
-    sources = find_text_files(text)
+    sources = find_text_files(text, text_field=text_field)
     results = []
     for run in run_dirs:
         with task_progress(stderr()) as progress:
@@ -65,6 +68,9 @@ def command(
                 run, sources, device=device, dtype=dtype, batch_size=batch_size, stride=stride,
                 on_encode=lambda done, _total, task=encoding: progress.update(task, completed=done),
                 on_progress=scored))
+    if results and results[0].bad_records:
+        stderr().print(f"Skipped {results[0].bad_records:,} bad record(s) (first: {results[0].first_bad_record})",
+                       highlight=False)
     results.sort(key=lambda r: r.scores.total.bits_per_byte)
     if output_format == "json":
         stdout().print_json(json.dumps(_as_json(results)))

@@ -38,6 +38,11 @@ def command(
     if corpus:
         facts.add_row("corpus", f"{corpus.get('files', 0):,} files, {human_bytes(corpus.get('text_bytes', 0))}, "
                                 f"{corpus.get('tokens', 0):,} tokens")
+    origin = info.extra.get("init_from")
+    if origin:
+        step = f" at step {origin['step']:,}" if origin.get("step") is not None else ""
+        imported = f" (imported from {origin['imported_from']})" if origin.get("imported_from") else ""
+        facts.add_row("started from", f"{origin['run']}{step}{imported}")
     validation = info.extra.get("validation")
     if validation:
         what = ("the --val files" if "paths" in validation
@@ -47,8 +52,9 @@ def command(
                                     f"tokenizer {validation['tokenizer']}")
     if metrics:
         last = metrics[-1]
-        facts.add_row("last step", f"{last['step']:,}: loss {last['loss']:.3f}, {last['tokens_per_s']:,.0f} tok/s, "
-                                   f"{last['time_s']:,.0f} s")
+        if "loss" in last:  # a run started with --init-from logs step 0 with validation figures only
+            facts.add_row("last step", f"{last['step']:,}: loss {last['loss']:.3f}, "
+                                       f"{last['tokens_per_s']:,.0f} tok/s, {last['time_s']:,.0f} s")
 
     stdout().print(facts)
     tables = [_config_table("model", to_dict(info.model)), _config_table("training", to_dict(info.train))]
@@ -59,7 +65,8 @@ def command(
         for column in ("step", "time (s)", "train loss", "val loss", "val bits/byte"):
             table.add_column(column, justify="right")
         for m in evaluations:
-            table.add_row(f"{m['step']:,}", f"{m['time_s']:,.0f}", f"{m['loss']:.3f}", f"{m['val_loss']:.3f}",
+            train_loss = f"{m['loss']:.3f}" if "loss" in m else "-"
+            table.add_row(f"{m['step']:,}", f"{m['time_s']:,.0f}", train_loss, f"{m['val_loss']:.3f}",
                           f"{m['val_bpb']:.3f}")
         stdout().print(table)
 

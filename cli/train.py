@@ -38,13 +38,27 @@ def command(
         "--tokenizer", metavar="FILE", show_default=False,
         help="A tokenizer.json; without it one is trained on the training text (never the validation text).")
     ] = None,
-    vocab_size: Annotated[int, typer.Option(
-        "--vocab-size", metavar="N", help="Vocabulary size of the tokenizer trained when --tokenizer is not given.")
-    ] = 8192,
-    preset: Annotated[str, typer.Option(
-        "--preset", "-p", metavar="NAME", help="tiny | small | gpt2 | llama (see `lm presets`).")] = "tiny",
+    vocab_size: Annotated[int | None, typer.Option(
+        "--vocab-size", metavar="N", show_default=False,
+        help="Vocabulary size of the tokenizer trained when --tokenizer is not given [default: 8192].")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", metavar="NAME", show_default=False,
+        help="tiny | small | gpt2 | llama (see `lm presets`) [default: tiny].")] = None,
+    text_field: Annotated[str | None, typer.Option(
+        "--text-field", metavar="NAME", show_default=False,
+        help="JSON Lines and Parquet files: the field (column) that holds each record's text [default: text].")
+    ] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", metavar="RUN_DIR", show_default=False,
+        help="Start a new run in --out from this run's weights, shape and tokenizer (`lm import`ed checkpoints "
+             "too), with a fresh optimizer and fine-tuning defaults: lr a tenth of the source run's, 20 warmup "
+             "steps, 200 steps, evaluation every 50 and before the first step. Shape options are refused; "
+             "--context-length may shrink.")] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", metavar="", help="Continue the run in --out from its last rundir.")] = False,
+        "--resume", metavar="", help="Continue the run in --out from its last checkpoint. Options repeated from "
+                                     "the command that started it are accepted; ones that conflict are named.")
+    ] = False,
     force: Annotated[bool, typer.Option(
         "--force", "-f", metavar="", help="Replace a run already in --out.")] = False,
     nproc: Annotated[int, typer.Option(
@@ -149,26 +163,35 @@ def command(
 
     # Everything that can be wrong is checked before anything is written or deleted.
     saved: dict[str, Any] = {}
+    init_weights: Path | None = None
     if resume:
         info = rundir.read_config(out)
-        rundir.check_same_model(info.model, with_overrides(info.model, model_overrides))
-        model_config, train_config, saved = info.model, with_overrides(info.train, train_overrides), info.extra
-        paths = paths or saved.get("corpus", {}).get("paths")
+        saved = info.extra
+        _check_resume_agrees(out, info, paths=paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size,
+                             preset=preset, text_field=text_field, val_fraction=val_fraction, init_from=init_from,
+                             model_overrides=model_overrides)
+        model_config, train_config = info.model, with_overrides(info.train, train_overrides)
+        paths = saved.get("corpus", {}).get("paths") or paths
         if not paths:
             raise UsageError(f"{out}/config.json does not say what text the run was trained on; pass the PATHs")
-        if tokenizer is not None:
-            raise UsageError("--resume trains on with the run's own tokenizer; drop --tokenizer")
         tokenizer = out / rundir.TOKENIZER
-        saved_val = saved.get("validation", {}).get("paths")
-        if val and saved_val is not None and sorted(map(os.path.abspath, val)) != sorted(saved_val):
-            raise UsageError("--resume validates on the run's own --val files; drop --val")
-        val = val or saved_val
+        val = saved.get("validation", {}).get("paths")
+        text_field = saved.get("corpus", {}).get("text_field", "text")
+    elif init_from is not None:
+        model_config, train_config, init_weights, saved = _init_from(
+            init_from, out, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
+            model_overrides=model_overrides, train_overrides=train_overrides)
+        tokenizer = init_from / rundir.TOKENIZER
     else:
         if not paths:
             raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
-        chosen = named_preset(preset)
+        chosen = named_preset(preset or "tiny")
         model_config = with_overrides(chosen.model, model_overrides)
         train_config = with_overrides(chosen.train, train_overrides)
+        saved = {"preset": chosen.name}
+    if not paths:
+        raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
+    text_field = text_field or "text"
     train_config.validate()
     model_config.validate()
     if nproc < 1:
@@ -194,16 +217,16 @@ def command(
 
     torch_device = resolve_device(train_config.device)
     resolve_dtype(train_config.dtype, torch_device)
-    text = split_text(paths, val, train_config.val_fraction, exclude=[out / rundir.TOKENIZER])
+    text = split_text(paths, val, train_config.val_fraction, exclude=[out / rundir.TOKENIZER], text_field=text_field)
     context = distributed.init(torch_device.type)
     # Other processes print nothing: their errors still reach standard error.
     console = stderr() if context.is_main else Console(quiet=True)
     try:
         check_batch_split(train_config.batch_size, context.world_size)
         _describe_validation(console, text.record, val_given=bool(val),
-                             tokenizer=None if resume else tokenizer, train_paths=paths)
+                             tokenizer=None if resume or init_from else tokenizer, train_paths=paths)
         tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _shared_tokenizer(
-            context, text.train, vocab_size, console)
+            context, text.train, vocab_size or 8192, console)
         model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
         if resume:
             rundir.check_same_model(info.model, model_config)
@@ -219,13 +242,15 @@ def command(
         distributed.barrier(context)
         # Absolute paths, so that --resume (which reuses them) works from any folder.
         extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
-                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens)},
+                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
+                                     "text_field": text_field},
                  "validation": {**text.record, "tokens": len(val_corpus.tokens),
                                 "tokenizer": saved.get("validation", {}).get("tokenizer") or (
-                                    "given with --tokenizer" if tokenizer is not None
+                                    f"from --init-from {init_from}" if init_from is not None
+                                    else "given with --tokenizer" if tokenizer is not None
                                     else "trained here, on the training text only")}}
         setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, distributed=context,
-                              extra_config=extra)
+                              extra_config=extra, init_weights=init_weights, evaluate_at_start=init_from is not None)
         trainer = Trainer(setup)
         _describe_start(console, trainer)
         outcome = _run_with_progress(trainer, console)
@@ -235,6 +260,93 @@ def command(
         distributed.shutdown(context)
     if outcome.status == "interrupted":
         raise typer.Exit(130)
+
+
+SHAPE_OPTIONS = ("n_layer", "n_head", "d_model", "d_ff", "pos_encoding", "norm", "mlp", "bias", "tie_embeddings")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _init_from(source: Path, out: Path, *, tokenizer: Path | None, vocab_size: int | None, preset: str | None,
+               model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> tuple[Any, Any, Path, dict]:
+    """The model, schedule, weights and config.json facts of a new run that starts from `source`'s weights."""
+    from lm import rundir
+    from lm.config import finetune_defaults, with_overrides
+    from lm.errors import InputError, UsageError
+
+    if source.resolve() == out.resolve():
+        raise UsageError("--init-from starts a new run; to continue the run in --out itself, use --resume")
+    info = rundir.read_config(source)
+    weights = source / rundir.WEIGHTS
+    if not weights.is_file() or not (source / rundir.TOKENIZER).is_file():
+        raise InputError(f"{source} has no {rundir.WEIGHTS} and {rundir.TOKENIZER} to start from; "
+                         "train it until its first checkpoint, or `lm import` a checkpoint")
+    for given, flag in ((tokenizer, "--tokenizer"), (vocab_size, "--vocab-size"), (preset, "--preset")):
+        if given is not None:
+            what = "tokenizer" if flag != "--preset" else "model shape"
+            raise UsageError(f"--init-from uses {source}'s {what}, so {flag} cannot apply; drop {flag}")
+    for name in SHAPE_OPTIONS:
+        value = model_overrides.get(name)
+        if value is not None and value != getattr(info.model, name):
+            raise UsageError(f"--init-from keeps {source}'s shape, but {_flag(name)} {value} would change it "
+                             f"(the model has {getattr(info.model, name)}); drop {_flag(name)}")
+    context = model_overrides.get("context_length")
+    if context is not None and context > info.model.context_length:
+        raise UsageError(f"--context-length {context} is longer than {source}'s {info.model.context_length}: the "
+                         "model has learned no positions beyond it; use a length up to that, or leave it out")
+    model_config = with_overrides(info.model, {"context_length": context, "dropout": model_overrides.get("dropout")})
+    train_config = with_overrides(finetune_defaults(info.train), train_overrides)
+    checkpoint = rundir.latest_checkpoint(source)
+    origin = {"run": str(source.resolve()), "step": int(checkpoint.name.removeprefix("step-")) if checkpoint else None}
+    for key in ("imported_from", "architecture"):
+        if key in info.extra:
+            origin[key] = info.extra[key]
+    return model_config, train_config, weights, {"init_from": origin}
+
+
+def _check_resume_agrees(out: Path, info: Any, *, paths: list[str] | None, val: list[str] | None,
+                         tokenizer: Path | None, vocab_size: int | None, preset: str | None,
+                         text_field: str | None, val_fraction: float | None, init_from: Path | None,
+                         model_overrides: dict[str, Any]) -> None:
+    """--resume accepts the options of the command that started the run; name every one that disagrees."""
+    from lm import rundir
+    from lm.config import preset as named_preset
+    from lm.config import to_dict, with_overrides
+    from lm.errors import UsageError
+    from lm.textfiles import find_text_files
+    from lm.tokenizer import Tokenizer
+
+    saved, conflicts = info.extra, []
+    corpus, validation = saved.get("corpus", {}), saved.get("validation", {})
+    if paths and corpus.get("paths") and [os.path.abspath(p) for p in paths] != corpus["paths"]:
+        conflicts.append(f"PATH {' '.join(paths)} (the run trains on {' '.join(corpus['paths'])})")
+    if tokenizer is not None and (Tokenizer.from_file(tokenizer).to_str()
+                                  != Tokenizer.from_file(out / rundir.TOKENIZER).to_str()):
+        conflicts.append(f"--tokenizer {tokenizer} (not the tokenizer the run was trained with)")
+    if vocab_size is not None and vocab_size != info.model.vocab_size:
+        conflicts.append(f"--vocab-size {vocab_size} (the run has {info.model.vocab_size})")
+    if preset is not None:
+        recorded = saved.get("preset")
+        shape = with_overrides(named_preset(preset).model, {**model_overrides, "vocab_size": info.model.vocab_size})
+        if recorded != preset and (recorded is not None or to_dict(shape) != to_dict(info.model)):
+            conflicts.append(f"--preset {preset} (the run was started with {recorded or 'another shape'})")
+    if text_field is not None and text_field != corpus.get("text_field", "text"):
+        conflicts.append(f"--text-field {text_field} (the run reads {corpus.get('text_field', 'text')!r})")
+    if val:
+        given = sorted(str(p.resolve()) for p in find_text_files(val).files)
+        if given != sorted(validation.get("paths") or []):
+            conflicts.append("--val (the run validates on " + (
+                "other files)" if validation.get("paths") else f"the last {info.train.val_fraction:.0%} of its text)"))
+    if val_fraction is not None and val_fraction != info.train.val_fraction and not validation.get("paths"):
+        conflicts.append(f"--val-fraction {val_fraction} (the run holds out {info.train.val_fraction})")
+    if init_from is not None and str(init_from.resolve()) != saved.get("init_from", {}).get("run"):
+        conflicts.append(f"--init-from {init_from} (the run did not start from it)")
+    if conflicts:
+        raise UsageError(f"--resume continues {out} as it was started, and these options conflict with it: "
+                         f"{'; '.join(conflicts)}; drop them, or start a new run")
+    rundir.check_same_model(info.model, with_overrides(info.model, model_overrides))
 
 
 def _launch_processes(nproc: int) -> int:
@@ -334,6 +446,9 @@ def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console, what: str = 
     files = f"{corpus.files:,} file{'s' if corpus.files != 1 else ''}"
     console.print(f"{what.capitalize()}: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
                   f"tokens ({how}: {corpus.path})")
+    if corpus.bad_records:
+        console.print(f"[yellow]Skipped {corpus.bad_records:,} bad record{'s' if corpus.bad_records != 1 else ''}"
+                      f"[/] (first: {corpus.first_bad_record})", highlight=False)
     return corpus
 
 

@@ -32,8 +32,11 @@ def command(
     force: Annotated[bool, typer.Option(
         "--force", "-f", metavar="",
         help="Overwrite --out if it exists.")] = False,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", metavar="NAME",
+        help="JSON Lines and Parquet files: the field (column) that holds each record's text.")] = "text",
 ) -> None:
-    """Learn a byte-level BPE tokenizer from text files.
+    """Learn a byte-level BPE tokenizer from text files, JSON Lines, Parquet or gzip-compressed corpora.
 
     Uses the GPT-4 split pattern and writes a standard Hugging Face tokenizer.json.
     """
@@ -45,7 +48,7 @@ def command(
     config = TokenizerConfig(vocab_size=vocab_size, min_frequency=min_frequency,
                              special_tokens=tuple(special_token or ()))
     prepare_output(out, overwrite=force, what="tokenizer")
-    sources = find_text_files(paths, exclude=[out])  # never train on our own earlier output
+    sources = find_text_files(paths, exclude=[out], text_field=text_field)  # never our own earlier output
     with byte_progress() as progress:
         task = progress.add_task("reading", total=sources.total_bytes)
 
@@ -80,6 +83,9 @@ def _summary(report: TokenizerReport, out: Path) -> Table:
         path, why = report.skipped[0]
         input_line += f" (skipped {len(report.skipped)} that are not text, e.g. {path} {why})"
     grid.add_row("input", Text(input_line))
+    if report.bad_records:
+        grid.add_row("skipped", Text(f"{report.bad_records:,} bad record{'s' if report.bad_records != 1 else ''} "
+                                     f"(first: {report.first_bad_record})"))
     speed = report.input_bytes / report.seconds if report.seconds > 0 else 0.0
     grid.add_row("time", f"{report.seconds:.2f} s ({human_bytes(speed)}/s)")
     where = (f"a held-out sample (every {HELD_OUT_EVERY}th line, not trained on)" if report.sample_is_held_out

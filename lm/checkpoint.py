@@ -43,12 +43,19 @@ def deduplicate(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_weights(model: GPT, path: Path) -> None:
-    """Fill `model` from a safetensors file, checking that every tensor is there and of the right shape."""
+def load_weights(model: GPT, path: Path, *, shorter_context: bool = False) -> None:
+    """Fill `model` from a safetensors file, checking that every tensor is there and of the right shape.
+
+    With `shorter_context`, a table of learned positions longer than the model's context is cut to its
+    first rows (a model fine-tuned with a smaller --context-length keeps the positions it knows).
+    """
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise InputError(f"{path} cannot be read ({err}); the run directory is damaged") from None
+    positions = weights.get("pos_emb.weight")
+    if shorter_context and positions is not None and len(positions) > model.config.context_length:
+        weights["pos_emb.weight"] = positions[:model.config.context_length].contiguous()
     expected = model_state_dict(model)
     missing = expected.keys() - weights.keys()
     unexpected = weights.keys() - expected.keys()

@@ -134,6 +134,17 @@ def preset(name: str) -> Preset:
                                train=dataclasses.replace(PRESETS[name].train))
 
 
+# A run started from trained weights (--init-from) nudges them rather than shaping them: a tenth of the
+# source's learning rate, a short warmup, a short run, and evaluation often enough to see it work.
+FINETUNE_LR_SCALE = 0.1
+FINETUNE_DEFAULTS = {"max_steps": 200, "warmup_steps": 20, "eval_every": 50, "save_every": 0}
+
+
+def finetune_defaults(source: TrainConfig) -> TrainConfig:
+    """The schedule of a run started with --init-from: the source run's settings, fine-tuning's schedule."""
+    return dataclasses.replace(source, lr=source.lr * FINETUNE_LR_SCALE, **FINETUNE_DEFAULTS)
+
+
 def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """`config` with the fields in `overrides` that are not None replaced (d_ff re-derived if left at 0)."""
     changes = {k: v for k, v in overrides.items() if v is not None}

@@ -2,10 +2,13 @@
 
 The corpus is encoded once, in small chunks (so memory stays flat however large it is), into a flat
 array of ids written to the cache folder: uint16 when the vocabulary fits in 65,536 entries, uint32
-otherwise. The file is named by a hash of the tokenizer and of every input file's bytes, so a second
-run on the same text with the same tokenizer memory-maps it at once. Files are documents: each one is
-followed by `<|endoftext|>`, so the model learns where a text ends and never confuses one with the next.
-The cache also records how many ids each file became, so scores can be given per file.
+otherwise. Encoding runs in a pool of threads, one per core (the encoders release the GIL), over
+batches of chunks read ahead a few at a time and written back in order. The file is named by a hash
+of the tokenizer and of every input file's bytes, so a second run on the same text with the same
+tokenizer costs that hash and memory-maps the ids at once. Documents (text files, JSON Lines or
+Parquet records, read by `lm.textfiles.iter_pieces`) are each followed by `<|endoftext|>`, so the
+model learns where a text ends and never confuses one with the next. The cache also records how
+many ids each file became, so scores can be given per file.
 
 Validation text is set aside as text, before any tokenizer is trained (`split_text`), and encoded on
 its own: the model never trains on it. Training batches are windows of `context_length + 1` ids at
@@ -16,24 +19,37 @@ batches it would have seen.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
+import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lm.atomic import atomic_open, atomic_write_text
 from lm.cache import cache_dir
 from lm.errors import InputError
-from lm.textfiles import TextFiles, find_text_files, hold_out_tail, iter_text_chunks
+from lm.textfiles import (
+    TEXT,
+    TEXT_FIELD,
+    Piece,
+    RecordProblems,
+    TextFiles,
+    find_text_files,
+    hold_out_tail,
+    iter_pieces,
+)
 from lm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 2: per-file token counts
-CHUNKS_PER_BATCH = 64  # ~256 kB of text per encode_batch call: parallel, yet small in memory
+CHUNKS_PER_BATCH = 64  # ~256 kB of text per task: worth a thread's time, yet small in memory
+BATCHES_AHEAD = 2  # batches in flight per thread: enough to keep every core busy, memory still flat
 
 
 @dataclass
@@ -46,17 +62,28 @@ class TokenCorpus:
     text_bytes: int
     reused: bool  # True when the ids came from the cache
     part_tokens: list[int]  # ids per file (its closing <|endoftext|> included), in order
+    bad_records: int = 0  # JSON Lines / Parquet records skipped as unreadable
+    first_bad_record: str = ""  # where and why the first one was bad
 
 
 def corpus_key(sources: TextFiles, tokenizer: Tokenizer) -> str:
-    """A hash of the tokenizer and of the content (not the names) of the files (or parts), in order."""
+    """A hash of the tokenizer and of the content (not the names) of the files (or parts), in order.
+
+    A part that is not plain text adds its format (and the records it covers) to the hash, and a corpus
+    with records the text field, since the same bytes read another way are another text.
+    """
     digest = hashlib.sha256(f"lm-tokens-v{FORMAT_VERSION}\n".encode())
     digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
+    if sources.has_records:
+        digest.update(f"text field {sources.text_field}\n".encode())
     for part in sources.parts:
-        file_digest = hashlib.sha256(f"{part.size}\n".encode())
+        start, size = (part.start, part.size) if part.records is None else (0, part.path.stat().st_size)
+        file_digest = hashlib.sha256(f"{size}\n".encode())
+        if part.format != TEXT:
+            file_digest.update(f"{part.format} {part.records}\n".encode())
         with part.path.open("rb") as handle:
-            handle.seek(part.start)
-            left = part.size
+            handle.seek(start)
+            left = size
             while left and (block := handle.read(min(1 << 20, left))):
                 file_digest.update(block)
                 left -= len(block)
@@ -69,13 +96,27 @@ def token_storage(vocab_size: int) -> tuple[torch.dtype, str]:
     return (torch.uint16, "H") if vocab_size <= 1 << 16 else (torch.uint32, "I")
 
 
+def encode_threads() -> int:
+    """Threads to encode with: $LM_ENCODE_THREADS, else every core this process may use."""
+    if explicit := os.environ.get("LM_ENCODE_THREADS"):
+        return max(1, int(explicit))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
 def tokenize_corpus(
     sources: TextFiles,
     tokenizer: Tokenizer,
     on_progress: Callable[[int, int], None] | None = None,
     cache_root: Path | None = None,
+    threads: int | None = None,
 ) -> TokenCorpus:
-    """Encode `sources` to ids, or reuse an earlier encoding of the same text by the same tokenizer."""
+    """Encode `sources` to ids, or reuse an earlier encoding of the same text by the same tokenizer.
+
+    `on_progress(bytes_read, total_bytes)` follows the encoding; `threads` defaults to `encode_threads()`.
+    """
     if tokenizer.eot_id is None:
         raise InputError("the tokenizer has no <|endoftext|> token to separate documents; "
                          "train one with `lm train-tokenizer`")
@@ -87,14 +128,19 @@ def tokenize_corpus(
     reused = meta is not None and bin_path.is_file() and bin_path.stat().st_size == meta["count"] * dtype.itemsize
     if not reused:
         folder.mkdir(parents=True, exist_ok=True)
-        part_tokens = _encode_to_file(sources, tokenizer, bin_path, typecode, on_progress)
+        problems = RecordProblems()
+        part_tokens = _encode_to_file(sources, tokenizer, bin_path, np.dtype(typecode), on_progress, problems,
+                                      threads or encode_threads())
         # The metadata is written last: its presence says the .bin beside it is complete.
         meta = {"version": FORMAT_VERSION, "count": sum(part_tokens), "files": len(sources.parts),
-                "text_bytes": sources.total_bytes, "vocab_size": tokenizer.vocab_size, "part_tokens": part_tokens}
+                "text_bytes": sources.total_bytes, "vocab_size": tokenizer.vocab_size, "part_tokens": part_tokens,
+                "bad_records": problems.bad, "first_bad_record": problems.first}
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     assert meta is not None
-    tokens = torch.from_file(str(bin_path), shared=False, size=meta["count"], dtype=dtype)
-    return TokenCorpus(tokens, bin_path, meta["files"], meta["text_bytes"], reused, meta["part_tokens"])
+    tokens = (torch.from_file(str(bin_path), shared=False, size=meta["count"], dtype=dtype) if meta["count"]
+              else torch.zeros(0, dtype=dtype))
+    return TokenCorpus(tokens, bin_path, meta["files"], meta["text_bytes"], reused, meta["part_tokens"],
+                       meta.get("bad_records", 0), meta.get("first_bad_record", ""))
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -105,34 +151,54 @@ def _read_meta(path: Path) -> dict | None:
     return meta if meta.get("version") == FORMAT_VERSION else None
 
 
-def _encode_to_file(sources: TextFiles, tokenizer: Tokenizer, target: Path, typecode: str,
-                    on_progress: Callable[[int, int], None] | None) -> list[int]:
-    """Write the ids of every part, each followed by <|endoftext|>; return how many ids each part became."""
-    part_tokens: list[int] = []
+def _encode_to_file(sources: TextFiles, tokenizer: Tokenizer, target: Path, dtype: np.dtype,
+                    on_progress: Callable[[int, int], None] | None, problems: RecordProblems,
+                    threads: int) -> list[int]:
+    """Write the ids of every document, each followed by <|endoftext|>; return how many ids each part became.
+
+    Batches of pieces are encoded by `threads` threads while the reader reads ahead at most
+    `BATCHES_AHEAD` batches per thread; results are written in order as they come back.
+    """
+    encode = tokenizer.batch_encoder()
+    eot = np.asarray([tokenizer.eot_id], dtype=dtype)
+    part_tokens = [0] * len(sources.parts)
     done = 0
 
     def add_bytes(n: int) -> None:
         nonlocal done
         done += n
 
-    with atomic_open(target) as out:
-        for part in sources.parts:
-            count = 1  # the closing <|endoftext|>
-            for batch in _batches(iter_text_chunks([part], on_bytes=add_bytes), CHUNKS_PER_BATCH):
-                ids = array.array(typecode)
-                for encoded in tokenizer.encode_batch(batch):
-                    ids.extend(encoded)
-                ids.tofile(out)
-                count += len(ids)
-                if on_progress is not None:
-                    on_progress(done, sources.total_bytes)
-            array.array(typecode, [tokenizer.eot_id]).tofile(out)
-            part_tokens.append(count)
+    def write(out: Any, batch: list[Piece], encoded: list[np.ndarray], bytes_done: int) -> None:
+        arrays = []
+        for (part, _, ends_document), ids in zip(batch, encoded, strict=True):
+            arrays.append(ids)
+            part_tokens[part] += len(ids)
+            if ends_document:
+                arrays.append(eot)
+                part_tokens[part] += 1
+        np.concatenate(arrays).astype(dtype, copy=False).tofile(out)
+        if on_progress is not None:
+            on_progress(bytes_done, sources.total_bytes)
+
+    pieces = iter_pieces(sources, on_bytes=add_bytes, problems=problems)
+    in_flight: deque[tuple[list[Piece], Future[list[np.ndarray]], int]] = deque()
+    with atomic_open(target) as out, ThreadPoolExecutor(threads, thread_name_prefix="lm-encode") as pool:
+        for batch in _batches(pieces, CHUNKS_PER_BATCH):
+            if len(in_flight) >= threads * BATCHES_AHEAD:
+                write(out, *_finished(in_flight.popleft()))
+            in_flight.append((batch, pool.submit(encode, [text for _, text, _ in batch]), done))
+        while in_flight:
+            write(out, *_finished(in_flight.popleft()))
     return part_tokens
 
 
-def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _finished(entry: tuple[list[Piece], Future[list[np.ndarray]], int]) -> tuple[list[Piece], list[np.ndarray], int]:
+    batch, future, bytes_done = entry
+    return batch, future.result(), bytes_done
+
+
+def _batches(items: Iterator[Piece], size: int) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -158,17 +224,20 @@ class TextSplit:
 
 
 def split_text(paths: Sequence[str | Path], val_paths: Sequence[str | Path] | None, val_fraction: float,
-               exclude: Sequence[Path] = ()) -> TextSplit:
+               exclude: Sequence[Path] = (), text_field: str = TEXT_FIELD) -> TextSplit:
     """With `val_paths`: exactly those files validate, and they are left out of training even if the
-    training paths include them. Without: the last `val_fraction` of the text's bytes, cut at a line end."""
+    training paths include them. Without: the last `val_fraction` of the text's bytes, cut at a line end
+    (between whole records in JSON Lines, gzip and Parquet files; see `hold_out_tail`)."""
     if val_paths:
-        val = find_text_files(val_paths, exclude=exclude)
-        train = find_text_files(paths, exclude=[*exclude, *val.files])
+        val = find_text_files(val_paths, exclude=exclude, text_field=text_field)
+        train = find_text_files(paths, exclude=[*exclude, *val.files], text_field=text_field)
         record: dict[str, Any] = {"paths": [str(p.resolve()) for p in val.files]}
     else:
-        train, val = hold_out_tail(find_text_files(paths, exclude=exclude), val_fraction)
+        train, val = hold_out_tail(find_text_files(paths, exclude=exclude, text_field=text_field), val_fraction)
         first = val.parts[0]
         record = {"fraction": val_fraction, "starts_in": str(first.path.resolve()), "at_byte": first.start}
+        if first.records is not None:
+            record["at_record"] = first.records[0]  # a gzip line or Parquet row: the byte is only approximate
     record.update(files=len(val.parts), text_bytes=val.total_bytes)
     return TextSplit(train, val, record)
 

@@ -173,6 +173,8 @@ class RunScore:
     file_bytes: list[int]
     scores: Scores
     seconds: float  # scoring only (the forward passes), not loading or encoding
+    bad_records: int = 0  # JSON Lines / Parquet records of the text skipped as unreadable
+    first_bad_record: str = ""
 
     @property
     def tokens_per_s(self) -> float:
@@ -212,4 +214,5 @@ def score_run(
     if torch_device.type == "cuda":
         torch.cuda.synchronize(torch_device)
     return RunScore(run_dir, model.num_parameters(), info.model.vocab_size, info.model.context_length,
-                    sources.files, sources.sizes, scores, time.perf_counter() - started)
+                    sources.files, sources.sizes, scores, time.perf_counter() - started, corpus.bad_records,
+                    corpus.first_bad_record)

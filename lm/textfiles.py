@@ -1,18 +1,38 @@
-"""Finding the user's text files and streaming them as lines of UTF-8 text.
+"""Finding the user's corpus and reading it as documents: the one reader every consumer uses.
 
-A PATH given on the command line is a file, a folder (every text file in it, recursively, hidden
-ones left out) or a glob pattern. Files named directly must be UTF-8 text; files found while walking
-a folder are kept only if they look like text, so a stray image in `data/` is skipped and reported.
-Files are read in chunks of whole lines, never whole, so memory does not grow with the corpus.
+A PATH given on the command line is a file, a folder (every usable file in it, recursively, hidden
+ones left out) or a glob pattern. The format follows the file's name:
+
+- plain text (any other name): the whole file is one document;
+- `.txt.gz` (any `.gz` but the JSON Lines ones): the same, gzip-compressed;
+- `.jsonl`, `.json`, `.ndjson` (and the same with `.gz`): JSON Lines, one object per line, each
+  record's text field (`--text-field`, default `text`) one document;
+- `.parquet`: each row's text column one document (needs pyarrow: `pip install 'lm[parquet]'`).
+
+Training, tokenizer training, encoding and scoring all read through `iter_pieces`, so a JSON Lines
+record is read exactly as a text file holding its text would be, and each document is followed by
+<|endoftext|> downstream. Files are streamed in chunks of whole lines and records one at a time, so
+memory does not grow with the corpus. A record that is not JSON, lacks the field or holds something
+other than a string is counted and skipped (`RecordProblems` keeps the first file:line); reading
+fails only when no record at all is usable.
+
+Files named directly must be readable in their format; files found while walking a folder are kept
+only if they look like text (or are a known record or compressed format), so a stray image in
+`data/` is skipped and reported.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
-from collections.abc import Callable, Iterator, Sequence
+import gzip
+import json
+import math
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lm.errors import InputError
 
@@ -22,27 +42,62 @@ CHUNK_BYTES = 1 << 12
 # Longest line kept whole: a file with no newlines is still read in bounded pieces.
 MAX_LINE_CHARS = 1 << 20
 GLOB_CHARS = frozenset("*?[")
+TEXT_FIELD = "text"
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar", ".bz2", ".xz", ".zst", ".7z")
+PARQUET_BATCH_ROWS = 1024
+PARQUET_INSTALL = "pip install 'lm[parquet]'"
+
+# Formats: how a file holds documents. Only TEXT and JSONL can be entered at a byte offset; the others
+# are addressed by record (line of the decompressed stream, or Parquet row) when a part of one is needed.
+TEXT, TEXT_GZ, JSONL, JSONL_GZ, PARQUET = "text", "text.gz", "jsonl", "jsonl.gz", "parquet"
+RECORD_FORMATS = frozenset({JSONL, JSONL_GZ, PARQUET})
+
+
+def file_format(path: Path) -> str:
+    """The format a file is read in, from its name (see the module docstring)."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return PARQUET
+    if name.endswith(".gz"):
+        return JSONL_GZ if name[:-3].endswith(JSON_SUFFIXES) else TEXT_GZ
+    return JSONL if name.endswith(JSON_SUFFIXES) else TEXT
 
 
 @dataclass(frozen=True)
 class TextPart:
-    """Bytes `start` to `end` of a file: a whole file, or the piece on one side of a held-out cut."""
+    """Bytes `start` to `end` of a file: a whole file, or the piece on one side of a held-out cut.
+
+    Compressed and Parquet files cannot be entered at a byte offset: a piece of one names its records
+    instead (`records`: lines of the decompressed text, or Parquet rows, first to last + 1), and
+    `start`/`end` then share the file's bytes out in proportion, for sizes and progress.
+    """
 
     path: Path
     start: int
     end: int
+    records: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
         return self.end - self.start
 
+    @property
+    def format(self) -> str:
+        return file_format(self.path)
+
 
 @dataclass
 class TextFiles:
-    """The files a set of PATH arguments resolved to, in a stable order; each part is one document."""
+    """The files a set of PATH arguments resolved to, in a stable order.
+
+    A text part is one document; a JSON Lines or Parquet part holds one document per record.
+    `text_field` names the field (or column) records keep their text in.
+    """
 
     parts: list[TextPart]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    text_field: str = TEXT_FIELD
 
     @property
     def files(self) -> list[Path]:
@@ -56,16 +111,37 @@ class TextFiles:
     def total_bytes(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def has_records(self) -> bool:
+        return any(part.format in RECORD_FORMATS for part in self.parts)
 
-def find_text_files(specs: Sequence[str | Path], exclude: Sequence[Path] = ()) -> TextFiles:
-    """Resolve files, folders and globs to a list of readable, non-empty UTF-8 text files.
+
+@dataclass
+class RecordProblems:
+    """Records that could not be read (not JSON, no such field, not a string), counted as they are met."""
+
+    bad: int = 0
+    good: int = 0  # documents read: records, and text parts
+    first: str = ""  # where and why the first bad record was bad: "file.jsonl:17: not JSON"
+
+    def add_bad(self, where: str, why: str, count: int = 1) -> None:
+        if not self.bad:
+            self.first = f"{where}: {why}"
+        self.bad += count
+
+
+def find_text_files(specs: Sequence[str | Path], exclude: Sequence[Path] = (),
+                    text_field: str = TEXT_FIELD) -> TextFiles:
+    """Resolve files, folders and globs to a list of readable, non-empty corpus files.
 
     `exclude` names files to leave out, such as the command's own output from an earlier run sitting
     in the folder being read. Raises `InputError` for a path that does not exist, a glob that matches
-    nothing, a named file that is empty or not UTF-8, or when nothing readable is left at all.
+    nothing, a named file that is empty or not readable in its format, or when nothing is left at all.
     """
     if not specs:
         raise InputError("no input given; pass one or more text files, folders or glob patterns")
+    if not text_field:
+        raise InputError("--text-field is empty; name the field that holds each record's text (e.g. text)")
     excluded = {p.resolve() for p in exclude}
     chosen: dict[Path, None] = {}  # an ordered set: the same file named twice is read once
     skipped: list[tuple[Path, str]] = []
@@ -82,32 +158,65 @@ def find_text_files(specs: Sequence[str | Path], exclude: Sequence[Path] = ()) -
                 skipped.append((path, problem))
     if not chosen:
         raise InputError(f"no text found in {', '.join(map(str, specs))} "
-                         f"({_describe_skips(skipped)}); point at UTF-8 text files")
-    return TextFiles([TextPart(p, 0, p.stat().st_size) for p in chosen], skipped=skipped)
+                         f"({_describe_skips(skipped)}); point at UTF-8 text, JSON Lines or Parquet files")
+    return TextFiles([TextPart(p, 0, p.stat().st_size) for p in chosen], skipped=skipped, text_field=text_field)
 
 
 def hold_out_tail(sources: TextFiles, fraction: float) -> tuple[TextFiles, TextFiles]:
     """Split the text in two at a line end: (about the first 1 - `fraction` of the bytes, the rest).
 
     The cut is the first line end at or after that many bytes (the last one before it when the text
-    ends first), so no line and no UTF-8 character is cut in half; a file cut in two gives one
-    document on each side. Raises `InputError` when one side would be empty.
+    ends first), so no line, no JSON Lines record and no UTF-8 character is cut in half; a text file
+    cut in two gives one document on each side. In a compressed or Parquet file, which cannot be
+    entered at a byte, the cut falls between whole records (lines or rows) at the same proportion.
+    Raises `InputError` when one side would be empty.
     """
     target = round(sources.total_bytes * (1 - fraction))
     seen = 0
     for index, part in enumerate(sources.parts):
         if seen + part.size > target:
-            cut = _line_end_after(part, part.start + target - seen)
-            if cut == part.end and index == len(sources.parts) - 1:
-                cut = _line_end_before(part, part.end - 1)
-            before = [*sources.parts[:index], *([TextPart(part.path, part.start, cut)] if cut > part.start else [])]
-            after = [*([TextPart(part.path, cut, part.end)] if cut < part.end else []), *sources.parts[index + 1:]]
+            head, tail = _cut(part, part.start + target - seen, last=index == len(sources.parts) - 1)
+            before = [*sources.parts[:index], *([head] if head is not None else [])]
+            after = [*([tail] if tail is not None else []), *sources.parts[index + 1:]]
             if before and after:
-                return TextFiles(before, sources.skipped), TextFiles(after)
+                return (TextFiles(before, sources.skipped, sources.text_field),
+                        TextFiles(after, text_field=sources.text_field))
             break
         seen += part.size
     raise InputError(f"{sources.total_bytes:,} bytes of text cannot be split into training and {fraction:.0%} "
                      "validation at a line end; give more text, or pass --val FILES")
+
+
+def _cut(part: TextPart, offset: int, *, last: bool) -> tuple[TextPart | None, TextPart | None]:
+    """`part` cut at a line (or record) boundary near `offset`: the pieces before and after, None if empty."""
+    if part.format in (TEXT, JSONL) and part.records is None:
+        cut = _line_end_after(part, offset)
+        if cut == part.end and last:
+            cut = _line_end_before(part, part.end - 1)
+        return (TextPart(part.path, part.start, cut) if cut > part.start else None,
+                TextPart(part.path, cut, part.end) if cut < part.end else None)
+    first, stop = part.records if part.records is not None else (0, count_records(part.path))
+    count = stop - first
+    keep = min(count, math.ceil(count * (offset - part.start) / part.size))
+    if keep == count and last:
+        keep = count - 1
+    if keep <= 0:
+        return None, part
+    middle = part.start + round(part.size * keep / count)
+    return (TextPart(part.path, part.start, middle, (first, first + keep)),
+            TextPart(part.path, middle, part.end, (first + keep, stop)) if keep < count else None)
+
+
+def count_records(path: Path) -> int:
+    """Lines of a gzip file's text, or rows of a Parquet file (read from its footer)."""
+    if file_format(path) == PARQUET:
+        return _parquet_file(path).metadata.num_rows
+    lines, last = 0, b"\n"
+    with gzip.open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def _line_end_after(part: TextPart, offset: int) -> int:
@@ -165,10 +274,22 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def _text_problem(path: Path) -> str | None:
-    """Why `path` is not usable text, judged from its first bytes, or None if it looks fine."""
+    """Why `path` is not a usable corpus file, judged from its first bytes, or None if it looks fine."""
+    name = path.name.lower()
+    if name.endswith(ARCHIVE_SUFFIXES):
+        return "is an archive (lm reads text, .gz-compressed text or JSON Lines, and Parquet files)"
+    kind = file_format(path)
     try:
-        with path.open("rb") as handle:
-            head = handle.read(SNIFF_BYTES)
+        if kind == PARQUET:
+            return _parquet_problem(path)
+        with path.open("rb") as raw:
+            head = raw.read(SNIFF_BYTES)
+            if kind in (TEXT_GZ, JSONL_GZ) and head:
+                raw.seek(0)
+                with gzip.GzipFile(fileobj=raw) as unzipped:
+                    head = unzipped.read(SNIFF_BYTES)
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        return "is not gzip data (its name ends in .gz)"
     except OSError as err:
         return f"cannot be read ({err.strerror})"
     if not head:
@@ -180,7 +301,32 @@ def _text_problem(path: Path) -> str | None:
         return f"is not UTF-8 text (byte 0x{head[err.start]:02x} at offset {err.start})"
     if b"\x00" in head:
         return "looks binary (it contains NUL bytes)"
+    if kind in (JSONL, JSONL_GZ) and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return "is one JSON array, not JSON Lines (one object per line)"
     return None
+
+
+def _parquet_problem(path: Path) -> str | None:
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if not magic:
+        return "is empty"
+    if magic != b"PAR1":
+        return "is not a Parquet file (its name ends in .parquet)"
+    _parquet_file(path)  # says how to install pyarrow when it is missing
+    return None
+
+
+def _parquet_file(path: Path) -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"reading {path} needs pyarrow; install it with: {PARQUET_INSTALL}") from None
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own ArrowInvalid on a damaged file
+        raise InputError(f"{path} cannot be read as Parquet ({str(err).splitlines()[0]}); "
+                         "check the file or leave it out") from None
 
 
 def _fix_for(problem: str) -> str:
@@ -188,6 +334,10 @@ def _fix_for(problem: str) -> str:
         return "give a file with text in it"
     if problem.startswith("cannot be read"):
         return "check its permissions"
+    if problem.startswith("is one JSON array"):
+        return "write one object per line (e.g. jq -c '.[]' FILE > FILE.jsonl)"
+    if problem.startswith(("is not gzip", "is not a Parquet", "is an archive")):
+        return "rename it to what it holds, or extract it"
     return "convert it to UTF-8 text or leave it out"
 
 
@@ -197,45 +347,244 @@ def _describe_skips(skipped: list[tuple[Path, str]]) -> str:
     return f"skipped {len(skipped)} file(s), e.g. {skipped[0][0]} {skipped[0][1]}"
 
 
-def iter_text_chunks(files: Sequence[Path | TextPart],
-                     on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
-    """Yield the text of `files` (whole files, or parts of them) in pieces of whole lines, about
-    `CHUNK_BYTES` each.
+Piece = tuple[int, str, bool]  # (index of the part, text, whether the text ends a document)
 
-    Joining the pieces of a file gives its text back exactly (line endings kept). A line longer than
-    `MAX_LINE_CHARS` is cut, so memory stays bounded whatever the input. `on_bytes(n)` is called with
-    the bytes consumed after each read. A UTF-8 byte order mark at a file's start is dropped (it marks
-    the encoding, it is not text). Raises `InputError` naming the file and offset of invalid UTF-8.
+
+def iter_pieces(sources: TextFiles | Sequence[Path | TextPart], on_bytes: Callable[[int], None] | None = None,
+                problems: RecordProblems | None = None) -> Iterator[Piece]:
+    """The documents of `sources`, in order, as pieces of whole lines of about `CHUNK_BYTES` each.
+
+    Each piece is (index of its part, text, ends_document). A text part is one document; a JSON Lines
+    or Parquet part gives one document per record, split into pieces exactly as a text file holding
+    the record's text would be, so both encode to the same ids. `on_bytes(n)` is called as the
+    files' bytes are consumed (compressed bytes for .gz files). Bad records are counted in `problems`
+    and skipped; raises `InputError` when there were records and none was usable, or for text that
+    is not UTF-8.
     """
-    for item in files:
-        part = item if isinstance(item, TextPart) else TextPart(item, 0, item.stat().st_size)
-        path = part.path
-        decoder = codecs.getincrementaldecoder("utf-8-sig" if part.start == 0 else "utf-8")()
-        offset = part.start
-        pending = ""
-        with path.open("rb") as handle:
-            handle.seek(part.start)
-            while raw := handle.read(min(CHUNK_BYTES, part.end - offset)):
-                try:
-                    text = pending + decoder.decode(raw)
-                except UnicodeDecodeError as err:
-                    raise _not_utf8(path, offset, err) from None
-                offset += len(raw)
-                if on_bytes is not None:
-                    on_bytes(len(raw))
-                cut = text.rfind("\n") + 1
-                if cut == 0 and len(text) >= MAX_LINE_CHARS:
-                    cut = len(text)
-                if cut:
-                    yield text[:cut]
-                pending = text[cut:]
-            try:
-                pending += decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise InputError(f"{path} ends inside a UTF-8 character; "
-                                 "convert it to UTF-8 text or leave it out") from None
-            if pending:
-                yield pending
+    if not isinstance(sources, TextFiles):
+        sources = TextFiles([item if isinstance(item, TextPart) else TextPart(item, 0, item.stat().st_size)
+                             for item in sources])
+    problems = problems if problems is not None else RecordProblems()
+    for index, part in enumerate(sources.parts):
+        meter = _Meter(part.size, on_bytes)
+        if part.format in RECORD_FORMATS:
+            for text in _records(part, sources.text_field, meter, problems):
+                problems.good += 1
+                for piece in _pieces(_slices(text.encode("utf-8")), part.path, 0, strip_bom=False):
+                    yield index, piece, False
+                yield index, "", True
+        else:
+            blocks = _gzip_blocks(part, meter) if part.format == TEXT_GZ else _file_blocks(part, meter)
+            for piece in _pieces(blocks, part.path, part.start, strip_bom=part.start == 0):
+                yield index, piece, False
+            problems.good += 1
+            yield index, "", True
+        meter.finish()
+    if problems.bad and not problems.good:
+        raise InputError(f"none of the {problems.bad:,} records is usable (first: {problems.first}); "
+                         f"check --text-field (now {sources.text_field!r}) and the files' format")
+
+
+def iter_text_chunks(sources: TextFiles | Sequence[Path | TextPart], on_bytes: Callable[[int], None] | None = None,
+                     problems: RecordProblems | None = None) -> Iterator[str]:
+    """The text of `sources` (whole files, parts of them, or their records' text) in pieces of whole lines.
+
+    Joining the pieces of a text file gives its text back exactly (line endings kept). A line longer
+    than `MAX_LINE_CHARS` is cut, so memory stays bounded whatever the input. A UTF-8 byte order mark
+    at a file's start is dropped (it marks the encoding, it is not text). Raises `InputError` naming
+    the file and offset of invalid UTF-8. See `iter_pieces` for the rest.
+    """
+    for _, text, _ in iter_pieces(sources, on_bytes, problems):
+        if text:
+            yield text
+
+
+class _Meter:
+    """Reports a part's bytes to `on_bytes` as the reading goes, exactly `total` of them by the end."""
+
+    def __init__(self, total: int, on_bytes: Callable[[int], None] | None) -> None:
+        self.total, self.on_bytes, self.reported = total, on_bytes, 0
+
+    def add(self, n: int) -> None:
+        self.to(self.reported + n)
+
+    def fraction(self, done: float) -> None:
+        self.to(round(self.total * min(1.0, done)))
+
+    def to(self, done: int) -> None:
+        done = min(done, self.total)
+        if self.on_bytes is not None and done > self.reported:
+            self.on_bytes(done - self.reported)
+        self.reported = max(self.reported, done)
+
+    def finish(self) -> None:
+        self.to(self.total)
+
+
+def _slices(data: bytes) -> Iterator[bytes]:
+    """`data` in blocks of CHUNK_BYTES: how a file of these bytes would be read."""
+    for start in range(0, len(data), CHUNK_BYTES):
+        yield data[start:start + CHUNK_BYTES]
+
+
+def _file_blocks(part: TextPart, meter: _Meter) -> Iterator[bytes]:
+    with part.path.open("rb") as handle:
+        handle.seek(part.start)
+        left = part.size
+        while left and (raw := handle.read(min(CHUNK_BYTES, left))):
+            left -= len(raw)
+            meter.add(len(raw))
+            yield raw
+
+
+def _gzip_blocks(part: TextPart, meter: _Meter) -> Iterator[bytes]:
+    """The decompressed text of a .gz part in CHUNK_BYTES blocks (whole lines when only some lines are wanted)."""
+    if part.records is not None:
+        block = bytearray()
+        for line in _gzip_lines(part, meter):
+            block += line
+            if len(block) >= CHUNK_BYTES:
+                yield bytes(block)
+                block.clear()
+        if block:
+            yield bytes(block)
+        return
+    with part.path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as handle:
+        while block := _read_gzip(handle, part.path):
+            meter.to(raw.tell())
+            yield block
+
+
+def _read_gzip(handle: gzip.GzipFile, path: Path, line: bool = False) -> bytes:
+    try:
+        return handle.readline() if line else handle.read(CHUNK_BYTES)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise InputError(f"{path} is damaged gzip data ({err or 'it ends too soon'}); "
+                         "download or compress it again") from None
+
+
+def _gzip_lines(part: TextPart, meter: _Meter) -> Iterator[bytes]:
+    """The lines of a .gz part (all of them, or lines `records[0]` to `records[1]`)."""
+    first, stop = part.records if part.records is not None else (0, math.inf)
+    with part.path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as handle:
+        number = 0
+        while number < stop and (line := _read_gzip(handle, part.path, line=True)):
+            if number >= first:
+                if part.records is None:
+                    meter.to(raw.tell())
+                else:
+                    meter.fraction((number - first + 1) / (stop - first))
+                yield line
+            number += 1
+
+
+def _pieces(blocks: Iterable[bytes], path: Path, offset: int, *, strip_bom: bool) -> Iterator[str]:
+    """UTF-8 `blocks` as text in pieces that end at a line end (or after `MAX_LINE_CHARS`), joined losslessly."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig" if strip_bom else "utf-8")()
+    pending = ""
+    for raw in blocks:
+        try:
+            text = pending + decoder.decode(raw)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, offset, err) from None
+        offset += len(raw)
+        cut = text.rfind("\n") + 1
+        if cut == 0 and len(text) >= MAX_LINE_CHARS:
+            cut = len(text)
+        if cut:
+            yield text[:cut]
+        pending = text[cut:]
+    try:
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InputError(f"{path} ends inside a UTF-8 character; "
+                         "convert it to UTF-8 text or leave it out") from None
+    if pending:
+        yield pending
+
+
+def _records(part: TextPart, text_field: str, meter: _Meter, problems: RecordProblems) -> Iterator[str]:
+    """The text of each usable record of a JSON Lines or Parquet part; bad ones go to `problems`."""
+    if part.format == PARQUET:
+        yield from _parquet_records(part, text_field, meter, problems)
+        return
+    for number, line in _json_lines(part, meter):
+        if not line.strip():
+            continue  # blank lines separate nothing in JSON Lines; they are not records
+        try:
+            record = json.loads(line)
+        except ValueError:
+            why = "not JSON"
+        else:
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if isinstance(value, str):
+                if value:
+                    yield value
+                continue
+            why = ("not a JSON object" if not isinstance(record, dict)
+                   else f"no field {text_field!r}" if text_field not in record
+                   else f"field {text_field!r} is {type(value).__name__}, not a string")
+        where = f"{part.path}:{number() if callable(number) else number}"
+        problems.add_bad(where, why)
+
+
+def _json_lines(part: TextPart, meter: _Meter) -> Iterator[tuple[Any, bytes]]:
+    """(line number, line) for each line of a JSON Lines part; the number is exact, computed lazily for
+    parts that start inside a file (only a bad record needs it)."""
+    if part.format == JSONL_GZ:
+        first = part.records[0] if part.records is not None else 0
+        for index, line in enumerate(_gzip_lines(part, meter)):
+            yield first + index + 1, line
+        return
+    with part.path.open("rb") as handle:
+        handle.seek(part.start)
+        position, index = part.start, 0
+        while position < part.end and (line := handle.readline()):
+            line_start = position
+            position += len(line)
+            meter.add(len(line))
+            if index == 0 and line_start == 0:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a byte order mark is not part of the JSON
+            yield (lambda at=line_start: _line_number(part.path, at)), line
+            index += 1
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte `offset` of `path`."""
+    lines = 1
+    with path.open("rb") as handle:
+        left = offset
+        while left and (block := handle.read(min(1 << 20, left))):
+            lines += block.count(b"\n")
+            left -= len(block)
+    return lines
+
+
+def _parquet_records(part: TextPart, text_field: str, meter: _Meter, problems: RecordProblems) -> Iterator[str]:
+    import pyarrow as pa
+
+    parquet = _parquet_file(part.path)
+    first, stop = part.records if part.records is not None else (0, parquet.metadata.num_rows)
+    schema = parquet.schema_arrow
+    column = schema.field(text_field) if text_field in schema.names else None
+    if column is None or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        why = (f"no column {text_field!r} (it has {', '.join(schema.names[:8])})" if column is None
+               else f"column {text_field!r} holds {column.type}, not text")
+        problems.add_bad(str(part.path), why, count=stop - first)
+        return
+    row = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        values = batch.column(0)
+        if row + len(values) > first:
+            for offset, value in enumerate(values.to_pylist()[max(0, first - row):stop - row]):
+                if value is None:
+                    problems.add_bad(f"{part.path}: row {row + max(0, first - row) + offset + 1}", "null text")
+                elif value:
+                    yield value
+        row += len(values)
+        meter.fraction((row - first) / max(1, stop - first))
+        if row >= stop:
+            break
 
 
 def _not_utf8(path: Path, offset: int, err: UnicodeDecodeError) -> InputError:

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lm.atomic import atomic_write_text, prepare_output
 from lm.errors import InputError, UsageError
-from lm.textfiles import TextFiles, iter_text_chunks
+from lm.textfiles import RecordProblems, TextFiles, iter_text_chunks
 
 END_OF_TEXT = "<|endoftext|>"
 # The GPT-4 split pattern: contractions, words (with one leading non-letter such as a space), numbers
@@ -39,7 +40,12 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# GPT-2's own split (its ByteLevel pre-tokenizer with use_regex): imported GPT-2 tokenizers use it.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BYTE_ALPHABET_SIZE = 256
+# Checked through both encoders before the fast one is trusted: scripts, digits, emoji, odd spacing.
+ENCODER_PROBE = ("The lamp's lit; we'll READ 12345 pages.\n\n\t  Ünïcödé: 日本語のテキスト, русский, عربى 🕯️🇫🇷\r\n"
+                 "x  \n   y\u00a0z <|endoftext|> ''' ... !!! ???\n")
 
 # Every HELD_OUT_EVERY-th line is kept out of training to measure bytes per token on unseen text.
 HELD_OUT_EVERY = 50
@@ -84,6 +90,8 @@ class TokenizerReport:
     sample_tokens: int
     sample_is_held_out: bool
     longest_tokens: list[bytes]
+    bad_records: int = 0  # JSON Lines / Parquet records skipped (not JSON, no text field, not a string)
+    first_bad_record: str = ""  # where and why the first one was bad
 
     @property
     def bytes_per_token(self) -> float:
@@ -114,6 +122,7 @@ class Tokenizer:
             re.compile("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")")
             if self.special_tokens else None
         )
+        self._batch_encoder: Callable[[list[str]], list[np.ndarray]] | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
@@ -181,6 +190,27 @@ class Tokenizer:
         """`encode` of several texts at once, in parallel threads (special-token strings are text)."""
         return [encoding.ids for encoding in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def batch_encoder(self) -> Callable[[list[str]], list[np.ndarray]]:
+        """A function from texts to their ids (uint32 arrays, special-token strings as text) for bulk encoding.
+
+        When tiktoken is installed and can reproduce this tokenizer (a byte-level BPE with the GPT-4 or
+        GPT-2 split, no normalizer), its encoder does the work: 3-4x faster per core than `tokenizers`
+        on our corpus, with the same ids (checked on a probe text before it is trusted; BPE over the
+        same merges and split gives the same tokens). Otherwise `tokenizers` encodes. Either releases
+        the GIL while it encodes, so several threads can call it at once.
+        """
+        if self._batch_encoder is None:
+            self._batch_encoder = _tiktoken_batch_encoder(self) or self._hf_batch_encode
+        return self._batch_encoder
+
+    @property
+    def uses_tiktoken(self) -> bool:
+        return self.batch_encoder() is not self._hf_batch_encode
+
+    def _hf_batch_encode(self, texts: list[str]) -> list[np.ndarray]:
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast: no offsets (tokenizers 0.20+)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text for `ids`; special tokens come back as their strings, so nothing is lost."""
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -237,6 +267,7 @@ def train_tokenizer(
         show_progress=False,
     )
     held_out: list[str] = []
+    problems = RecordProblems()
     fallback_sample: list[str] = []  # for inputs too short to hold anything out
     bytes_read = 0
 
@@ -246,7 +277,7 @@ def train_tokenizer(
 
     def training_text() -> Iterator[str]:
         lines_seen = held_chars = 0
-        for chunk in iter_text_chunks(sources.files, on_bytes=count):
+        for chunk in iter_text_chunks(sources, on_bytes=count, problems=problems):
             lines = chunk.splitlines(keepends=True)
             if held_chars < HELD_OUT_MAX_CHARS:
                 first = (HELD_OUT_EVERY - 1 - lines_seen) % HELD_OUT_EVERY
@@ -282,8 +313,77 @@ def train_tokenizer(
         sample_tokens=sum(len(tokenizer.encode(line)) for line in sample),
         sample_is_held_out=bool(held_out),
         longest_tokens=_longest_tokens(tokenizer, EXAMPLE_TOKENS),
+        bad_records=problems.bad,
+        first_bad_record=problems.first,
     )
     return tokenizer, report
+
+
+def _tiktoken_batch_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[np.ndarray]] | None:
+    """tiktoken's encoder over this tokenizer's merges, or None when tiktoken is missing or cannot match it.
+
+    tiktoken ranks tokens by their bytes and merges the adjacent pair whose joined bytes rank lowest;
+    giving merge i the rank 256 + i (single bytes: their value) makes that the merge order `tokenizers`
+    follows. Ranks then map back to this tokenizer's ids through a table.
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    spec = json.loads(tokenizer.to_str())
+    pattern = _split_pattern(spec)
+    model = spec.get("model") or {}
+    if pattern is None or spec.get("normalizer") or model.get("dropout") or model.get("ignore_merges"):
+        return None
+    vocab: dict[str, int] = model.get("vocab") or {}
+    table = _byte_of_char()
+    ranks: dict[bytes, int] = {}
+    rank_to_id = []
+    for char, byte in sorted(table.items(), key=lambda item: item[1]):
+        if char not in vocab:
+            return None
+        ranks[bytes([byte])] = byte
+        rank_to_id.append(vocab[char])
+    for merge in model.get("merges") or []:
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        token = left + right
+        key = bytes(table[char] for char in token)
+        if token not in vocab or key in ranks:
+            return None
+        ranks[key] = len(rank_to_id)
+        rank_to_id.append(vocab[token])
+    # Special tokens are named so that tiktoken's search for them looks for something: with none, it
+    # tries an empty pattern at every character and runs at half speed. They stay text (none is allowed).
+    specials = {}
+    for text, token_id in tokenizer.special_tokens.items():
+        specials[text] = len(rank_to_id)
+        rank_to_id.append(token_id)
+    encoding = tiktoken.Encoding("lm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    ids = np.asarray(rank_to_id, dtype=np.uint32)
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [ids[encoding.encode_to_numpy(text, disallowed_special=())] for text in texts]
+
+    probe = [ENCODER_PROBE, ENCODER_PROBE[::-1]]
+    if [a.tolist() for a in encode(probe)] != [a.tolist() for a in tokenizer._hf_batch_encode(probe)]:
+        return None
+    return encode
+
+
+def _split_pattern(spec: dict) -> str | None:
+    """The regex a byte-level BPE tokenizer.json splits text with, if it is one tiktoken can use as is."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    byte_level = steps[-1] if steps else {}
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
+        return None
+    if len(steps) == 1:
+        return GPT2_SPLIT_PATTERN if byte_level.get("use_regex", True) else None
+    split = steps[0]
+    if (len(steps) != 2 or split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("use_regex", True)):
+        return None
+    return (split.get("pattern") or {}).get("Regex")
 
 
 def _new_byte_level_bpe() -> HFTokenizer:

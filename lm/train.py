@@ -93,6 +93,8 @@ class TrainingSetup:
     resume: bool = False
     distributed: Distributed = field(default_factory=Distributed)
     extra_config: dict[str, Any] = field(default_factory=dict)
+    init_weights: Path | None = None  # --init-from: weights a new run starts from (its optimizer starts afresh)
+    evaluate_at_start: bool = False  # score the validation text before the first step (logged as step 0)
 
 
 def check_batch_split(batch_size: int, world_size: int) -> None:
@@ -163,6 +165,8 @@ class Trainer:
         resumed = checkpoint.load_training_state(setup.run_dir) if setup.resume else None
         if resumed is not None:
             checkpoint.load_weights(self.model, resumed[0] / rundir.WEIGHTS)
+        elif setup.init_weights is not None:
+            checkpoint.load_weights(self.model, setup.init_weights, shorter_context=True)
         check_batch_split(self.config.batch_size, self.dist.world_size)
         check_splits(setup.splits, setup.model_config.context_length)
         self.fsdp = self.config.fsdp and self.dist.enabled
@@ -202,6 +206,8 @@ class Trainer:
         last_checkpoint = self.step
         evaluation = None
         run_started = time.perf_counter() - self.elapsed_s
+        if self.step == 0 and self.setup.evaluate_at_start and not self.setup.resume:
+            evaluation = self._evaluate_at_start(on_update, run_started)
         while self.step < config.max_steps:
             if distributed.any_process(self.dist, should_stop is not None and should_stop(), self.device):
                 self._check_finite(interval_loss, interval_steps, last_checkpoint)
@@ -250,6 +256,15 @@ class Trainer:
             if on_update is not None:
                 on_update(update)
         return TrainOutcome("finished", self.step, config.max_steps, self.elapsed_s, evaluation)
+
+    def _evaluate_at_start(self, on_update: Callable[[TrainUpdate], None] | None, run_started: float) -> Evaluation:
+        """Where a run that starts from trained weights stands before it moves them: all of the validation text."""
+        update = TrainUpdate(0, self.config.max_steps, lr_at(0, self.config), evaluation=self.evaluate(complete=True))
+        self.elapsed_s = update.elapsed_s = time.perf_counter() - run_started
+        self._log(update)
+        if on_update is not None:
+            on_update(update)
+        return update.evaluation
 
     def _train_step(self, lr: float) -> torch.Tensor:
         """One optimiser step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
@@ -327,9 +342,13 @@ class Trainer:
         return loss
 
     def _log(self, update: TrainUpdate) -> None:
-        record: dict[str, Any] = {"step": update.step, "loss": round(update.loss, 6), "lr": update.lr,
-                                  "tokens_per_s": round(update.tokens_per_s, 1),
-                                  "time_s": round(update.elapsed_s, 3)}
+        record: dict[str, Any] = {"step": update.step}
+        if update.loss is not None:  # None only at step 0, before any training
+            record["loss"] = round(update.loss, 6)
+        record["lr"] = update.lr
+        if update.tokens_per_s is not None:
+            record["tokens_per_s"] = round(update.tokens_per_s, 1)
+        record["time_s"] = round(update.elapsed_s, 3)
         if update.mfu is not None:
             record["mfu"] = round(update.mfu, 4)
         if update.evaluation is not None:
