@@ -83,7 +83,10 @@ def command(
     norm: Annotated[str | None, typer.Option(
         "--norm", metavar="KIND", rich_help_panel=MODEL, help="layernorm | rmsnorm.")] = None,
     mlp: Annotated[str | None, typer.Option(
-        "--mlp", metavar="KIND", rich_help_panel=MODEL, help="gelu | swiglu.")] = None,
+        "--mlp", metavar="KIND", rich_help_panel=MODEL, help="gelu | swiglu | relu2 (ReLU squared).")] = None,
+    qk_norm: Annotated[bool | None, typer.Option(
+        "--qk-norm/--no-qk-norm", rich_help_panel=MODEL, show_default=False,
+        help="RMS-normalise each head's queries and keys (as Qwen3 does).")] = None,
     bias: Annotated[bool | None, typer.Option(
         "--bias/--no-bias", rich_help_panel=MODEL, show_default=False,
         help="Bias vectors in linear layers and norms.")] = None,
@@ -95,6 +98,20 @@ def command(
     # Training
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", metavar="N", rich_help_panel=TRAIN, help="Optimiser steps in the whole run.")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        "--time-budget", metavar="DURATION", rich_help_panel=TRAIN, show_default=False,
+        help="Train for this long instead of --max-steps (90, 90s, 10m, 2h), evaluation and saving included; "
+             "the learning-rate schedule runs over the time.")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        "--optimizer", metavar="NAME", rich_help_panel=TRAIN,
+        help="adamw | muon (Muon for the blocks' weight matrices, AdamW for embeddings, head, norms, biases).")
+    ] = None,
+    muon_lr_scale: Annotated[float | None, typer.Option(
+        "--muon-lr-scale", metavar="X", rich_help_panel=TRAIN, help="Muon's learning rate as a multiple of --lr.")
+    ] = None,
+    warmdown: Annotated[float | None, typer.Option(
+        "--warmdown", metavar="F", rich_help_panel=TRAIN,
+        help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN,
         help="Windows per micro-batch, all processes together.")] = None,
@@ -147,18 +164,23 @@ def command(
     """
     from cli.render import stderr
     from lm import rundir
+    from lm.config import parse_duration, to_dict, with_overrides
     from lm.config import preset as named_preset
-    from lm.config import to_dict, with_overrides
     from lm.errors import UsageError
 
     model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
                        "context_length": context_length, "pos_encoding": pos_encoding, "norm": norm, "mlp": mlp,
-                       "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout}
-    train_overrides = {"max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                       "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
-                       "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
-                       "save_every": save_every, "sample_tokens": sample_tokens, "val_fraction": val_fraction,
-                       "seed": seed, "device": device, "dtype": dtype, "compile": compile, "fsdp": fsdp}
+                       "qk_norm": qk_norm, "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout}
+    budget = parse_duration(time_budget) if time_budget is not None else None
+    if budget is not None and max_steps is not None:
+        raise UsageError("--time-budget replaces --max-steps; give one of them")
+    train_overrides = {"max_steps": max_steps, "time_budget": budget, "optimizer": optimizer,
+                       "muon_lr_scale": muon_lr_scale, "warmdown": warmdown, "batch_size": batch_size,
+                       "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+                       "grad_clip": grad_clip, "eval_every": eval_every, "eval_batches": eval_batches,
+                       "log_every": log_every, "save_every": save_every, "sample_tokens": sample_tokens,
+                       "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype,
+                       "compile": compile, "fsdp": fsdp}
     console = stderr()
 
     # Everything that can be wrong is checked before anything is written or deleted.
@@ -457,14 +479,18 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
     shape = setup.model_config
     console.print(
         f"Model: {model.num_parameters():,} parameters ({shape.n_layer} layers x {shape.d_model} wide, "
-        f"{shape.n_head} heads, {shape.pos_encoding} positions, {shape.norm}, {shape.mlp}), "
+        f"{shape.n_head} heads, {shape.pos_encoding} positions, {shape.norm}, {shape.mlp}"
+        f"{', qk-norm' if shape.qk_norm else ''}), "
         f"context {shape.context_length}")
     precision = str(trainer.dtype).removeprefix("torch.")
     compiled = ", compiled" if config.compile else ""
+    length = (f"{config.time_budget:,.0f} s of steps (evaluation and saving included)" if config.time_budget
+              else f"{config.max_steps:,} steps")
+    optimizer = f"{config.optimizer} (Muon lr x {config.muon_lr_scale:g})" if config.optimizer == "muon" else "adamw"
     console.print(
-        f"Training: {config.max_steps:,} steps x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
+        f"Training: {length} x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
         + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")
-        + f" x accum {config.grad_accum} x context {shape.context_length}), lr {config.lr:g}, on "
+        + f" x accum {config.grad_accum} x context {shape.context_length}), {optimizer}, lr {config.lr:g}, on "
         f"{trainer.device.type} in {precision}{compiled}"
         + (f"; resuming at step {trainer.step:,}" if setup.resume else ""))
 
@@ -484,19 +510,24 @@ def _run_with_progress(trainer: Trainer, console: Console) -> TrainOutcome:
         console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
                       "(press Ctrl-C again to stop at once)[/]")
 
+    budget = trainer.config.time_budget
+    # With a time budget the bar counts seconds (the steps are shown in the status), else steps.
+    counter = TextColumn("{task.completed:,.0f}/{task.total:,.0f} s") if budget else MofNCompleteColumn()
     progress = Progress(
-        TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("step" if not budget else "time"), counter, BarColumn(), TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
     )
-    task = progress.add_task("train", total=trainer.config.max_steps, completed=trainer.step, status="")
+    task = progress.add_task("train", total=budget or trainer.config.max_steps,
+                             completed=trainer.elapsed_s if budget else trainer.step, status="")
 
     def on_update(update: TrainUpdate) -> None:
         if update.loss is not None:
-            status = f"loss {update.loss:.3f}  {update.tokens_per_s:,.0f} tok/s"
+            status = (f"step {update.step:,}  " if budget else "") + \
+                f"loss {update.loss:.3f}  {update.tokens_per_s:,.0f} tok/s"
             if update.mfu is not None:
                 status += f"  MFU {update.mfu:.0%}"
             progress.update(task, status=status)
-        progress.update(task, completed=update.step)
+        progress.update(task, completed=update.elapsed_s if budget else update.step)
         if update.evaluation is not None:
             _print_evaluation(progress.console, update.step, update.elapsed_s, update.evaluation)
 
@@ -522,12 +553,13 @@ def _print_evaluation(console: Console, step: int, elapsed: float, evaluation: E
 def _describe_end(outcome: TrainOutcome, out: Path) -> None:
     from cli.render import stderr, stdout
 
+    of = f" of {outcome.max_steps:,}" if outcome.max_steps else ""
     if outcome.status == "already-done":
-        stderr().print(f"{out} is already at step {outcome.step:,} of {outcome.max_steps:,}; "
-                       "raise --max-steps to train further")
+        more = "raise --max-steps" if outcome.max_steps else f"raise --time-budget (spent {outcome.elapsed_s:,.0f} s)"
+        stderr().print(f"{out} is already at step {outcome.step:,}{of}; {more} to train further")
         return
     if outcome.status == "interrupted":
-        stderr().print(f"Stopped at step {outcome.step:,} of {outcome.max_steps:,}; the checkpoint is saved. "
+        stderr().print(f"Stopped at step {outcome.step:,}{of}; the checkpoint is saved. "
                        f"Continue with: lm train --out {out} --resume")
         return
     evaluation = outcome.evaluation

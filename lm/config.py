@@ -16,9 +16,10 @@ from lm.errors import UsageError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -30,10 +31,11 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    d_ff: int = 0  # hidden width of the MLP; 0 picks 4 x d_model (GELU) or ~8/3 x d_model (SwiGLU)
+    d_ff: int = 0  # hidden width of the MLP; 0 picks 4 x d_model (GELU, ReLU²) or ~8/3 x d_model (SwiGLU)
     pos_encoding: str = "learned"
     norm: str = "layernorm"
-    mlp: str = "gelu"
+    mlp: str = "gelu"  # gelu | swiglu | relu2 (ReLU squared)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before comparing them
     bias: bool = True
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     dropout: float = 0.0
@@ -42,7 +44,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_ff == 0:
-            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else _swiglu_width(self.d_model)
+            self.d_ff = _swiglu_width(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
 
     @property
     def d_head(self) -> int:
@@ -77,8 +79,12 @@ class TrainConfig:
     batch_size: int = 16  # windows per micro-batch, all processes together (each takes its share)
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
+    min_lr_ratio: float = 0.1  # the decay ends at lr x this
     warmup_steps: int = 100
+    warmdown: float = 0.0  # 0: cosine decay; else hold lr, then fall linearly over this last share of the run
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+    muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its updates are scaled to AdamW's size)
+    time_budget: float = 0.0  # seconds; > 0: train until then (evaluation and saving included), not max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -98,6 +104,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
         for flag, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size),
                             ("--grad-accum", self.grad_accum), ("--eval-every", self.eval_every),
                             ("--eval-batches", self.eval_batches), ("--log-every", self.log_every)):
@@ -111,6 +118,12 @@ class TrainConfig:
             raise UsageError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}; 0.05 is typical")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.warmdown <= 1.0:
+            raise UsageError(f"--warmdown must be a share of the run between 0 and 1, got {self.warmdown}")
+        if self.time_budget < 0 or not math.isfinite(self.time_budget):
+            raise UsageError(f"--time-budget cannot be negative, got {self.time_budget}")
+        if not self.muon_lr_scale > 0:
+            raise UsageError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
         return self
 
     @property
@@ -161,6 +174,19 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build `cls` from saved JSON, ignoring keys a newer or older version of lm may have written."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90', '90s', '10m', '1.5h' (a time budget); raises `UsageError` on anything else."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise UsageError(f"--time-budget {text!r} is not a duration; write seconds or e.g. 90s, 10m, 2h") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UsageError(f"--time-budget must be positive, got {text!r}")
+    return seconds
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,10 +1,12 @@
 """Hugging Face transformers interop: export a run as a transformers checkpoint, import one as a run.
 
-Two families map one to one onto lm's model:
-- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (tanh approximation), biases.
-  transformers stores GPT-2's linear weights (in, out) ("Conv1D"), lm (out, in): they are transposed.
+Three families map one to one onto lm's model:
+- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (tanh approximation) or ReLU²
+  (`activation_function: relu2`), biases. transformers stores GPT-2's linear weights (in, out)
+  ("Conv1D"), lm (out, in): they are transposed.
 - Llama (`LlamaForCausalLM`): rotary positions, RMSNorm, SwiGLU, no biases. lm's fused q/k/v matrix is
   split into q_proj/k_proj/v_proj; both rotate pairs (i, i + d/2), so no permutation is needed.
+- Qwen3 (`Qwen3ForCausalLM`): Llama's design plus QK-norm (`q_norm`/`k_norm`, RMSNorm over each head).
 Other designs (sinusoidal positions, say) have no transformers equivalent and are refused by name.
 
 No transformers import happens here: checkpoints are plain JSON and safetensors files, so exporting
@@ -32,7 +34,8 @@ from lm.errors import InputError, OutputError, UsageError
 from lm.model import GPT
 from lm.tokenizer import END_OF_TEXT, Tokenizer
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu2": "relu2"}
 # Per-block parameter names, ours and GPT2LMHeadModel's (whose linear layers are Conv1D: weight (in, out)).
 GPT2_NORMS = (("norm1", "ln_1"), ("norm2", "ln_2"))
 GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
@@ -42,11 +45,13 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 def family(config: ModelConfig) -> str:
     """Which transformers family a model belongs to, or a UsageError naming what blocks export."""
-    gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+    gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False}
     llama = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+    if config.mlp == "relu2":
+        gpt2["mlp"] = "relu2"  # GPT-2's config names its activation: relu2 is one transformers has
     for name, wanted in (("gpt2", gpt2), ("llama", llama)):
         if all(getattr(config, key) == value for key, value in wanted.items()):
-            return name
+            return "qwen3" if name == "llama" and config.qk_norm else name
     if config.pos_encoding == "sinusoidal":
         raise UsageError("this run uses sinusoidal positions (--pos-encoding sinusoidal), which neither GPT-2 nor "
                          "Llama in transformers has; export needs learned (GPT-2) or rope (Llama) positions")
@@ -68,7 +73,7 @@ def export_run(run_dir: Path, out: Path, *, force: bool = False) -> str:
     eot = tokenizer.eot_id
     state = model_state_dict(model)
     tensors = _to_gpt2(state, config) if kind == "gpt2" else _to_llama(state, config)
-    hf_config = _gpt2_config(config, eot) if kind == "gpt2" else _llama_config(config, eot)
+    hf_config = _gpt2_config(config, eot) if kind == "gpt2" else _llama_config(config, eot, kind)
     files = {
         "config.json": hf_config,
         "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
@@ -96,16 +101,16 @@ def _gpt2_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
         "architectures": [SUPPORTED["gpt2"]], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.context_length, "n_ctx": config.context_length,
         "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.d_ff,
-        "activation_function": "gelu_new", "layer_norm_epsilon": config.norm_eps,
+        "activation_function": GPT2_ACTIVATIONS[config.mlp], "layer_norm_epsilon": config.norm_eps,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
         "torch_dtype": "float32",
     }
 
 
-def _llama_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
+def _llama_config(config: ModelConfig, eot: int | None, kind: str = "llama") -> dict[str, Any]:
     return {
-        "architectures": [SUPPORTED["llama"]], "model_type": "llama",
+        "architectures": [SUPPORTED[kind]], "model_type": kind,
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_head, "head_dim": config.d_head, "hidden_act": "silu",
@@ -149,6 +154,9 @@ def _to_llama(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, 
             f"{theirs}mlp.up_proj.weight": state[f"{ours}mlp.fc.weight"],
             f"{theirs}mlp.down_proj.weight": state[f"{ours}mlp.proj.weight"],
         })
+        if config.qk_norm:
+            out[f"{theirs}self_attn.q_norm.weight"] = state[f"{ours}attn.q_norm.weight"]
+            out[f"{theirs}self_attn.k_norm.weight"] = state[f"{ours}attn.k_norm.weight"]
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
@@ -165,7 +173,7 @@ def import_checkpoint(folder: Path, out: Path, *, force: bool = False) -> tuple[
         architecture = (hf_config.get("architectures") or [kind])[0]
         raise InputError(f"{architecture} (model_type {kind!r}) is not supported; lm imports "
                          f"{' and '.join(SUPPORTED.values())}")
-    config = _gpt2_from_hf(hf_config) if kind == "gpt2" else _llama_from_hf(hf_config)
+    config = _gpt2_from_hf(hf_config) if kind == "gpt2" else _llama_from_hf(hf_config, qk_norm=kind == "qwen3")
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise InputError(f"{folder} has no tokenizer.json; lm needs the fast tokenizer file beside the weights")
@@ -192,19 +200,21 @@ def import_checkpoint(folder: Path, out: Path, *, force: bool = False) -> tuple[
 
 
 def _gpt2_from_hf(c: dict[str, Any]) -> ModelConfig:
-    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise InputError(f"GPT-2 activation {c['activation_function']!r} is not supported (lm uses tanh GELU)")
+    activation = c.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh", "relu2"):
+        raise InputError(f"GPT-2 activation {activation!r} is not supported (lm has tanh GELU and relu2)")
     if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
         raise InputError("GPT-2 variants with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are "
                          "not supported")
     return ModelConfig(vocab_size=c["vocab_size"], context_length=c.get("n_positions", c.get("n_ctx")),
                        n_layer=c["n_layer"], n_head=c["n_head"], d_model=c["n_embd"],
                        d_ff=c.get("n_inner") or 4 * c["n_embd"], pos_encoding="learned", norm="layernorm",
-                       mlp="gelu", bias=True, tie_embeddings=c.get("tie_word_embeddings", True),
+                       mlp="relu2" if activation == "relu2" else "gelu", bias=True,
+                       tie_embeddings=c.get("tie_word_embeddings", True),
                        norm_eps=c.get("layer_norm_epsilon", 1e-5))
 
 
-def _llama_from_hf(c: dict[str, Any]) -> ModelConfig:
+def _llama_from_hf(c: dict[str, Any], qk_norm: bool = False) -> ModelConfig:
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise InputError(f"Llama rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
@@ -219,6 +229,7 @@ def _llama_from_hf(c: dict[str, Any]) -> ModelConfig:
     return ModelConfig(vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"],
                        n_layer=c["num_hidden_layers"], n_head=heads, d_model=c["hidden_size"],
                        d_ff=c["intermediate_size"], pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                       qk_norm=qk_norm,
                        tie_embeddings=c.get("tie_word_embeddings", False), norm_eps=c.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)))
 
@@ -252,6 +263,9 @@ def _llama_to_lm(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
             f"{ours}mlp.fc.weight": t[f"{theirs}mlp.up_proj.weight"],
             f"{ours}mlp.proj.weight": t[f"{theirs}mlp.down_proj.weight"],
         })
+        if config.qk_norm:
+            state[f"{ours}attn.q_norm.weight"] = t[f"{theirs}self_attn.q_norm.weight"]
+            state[f"{ours}attn.k_norm.weight"] = t[f"{theirs}self_attn.k_norm.weight"]
     if not config.tie_embeddings:
         state["lm_head.weight"] = t["lm_head.weight"]
     return state

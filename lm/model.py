@@ -140,6 +140,10 @@ class Attention(nn.Module):
         self.n_head, self.d_head, self.dropout = config.n_head, config.d_head, config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        # QK-norm: queries and keys of unit RMS (times a learned gain) keep the attention logits in range,
+        # which lets training take larger steps without the softmax saturating.
+        self.q_norm = nn.RMSNorm(config.d_head, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.d_head, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
@@ -148,6 +152,8 @@ class Attention(nn.Module):
         batch, time, width = x.shape
         q, k, v = (t.view(batch, time, self.n_head, self.d_head).transpose(1, 2)
                    for t in linear(self.qkv, x).split(width, dim=2))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -172,7 +178,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         if self.swiglu:
             self.gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
@@ -180,9 +186,12 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GELU with the tanh approximation, as GPT-2 used; SwiGLU gates one projection with another.
+        # GELU with the tanh approximation, as GPT-2 used; SwiGLU gates one projection with another;
+        # ReLU² (the modded-nanogpt speedrun's choice) is sparse and cheap.
         if self.swiglu:
             hidden = F.silu(linear(self.gate, x)) * linear(self.fc, x)
+        elif self.relu2:
+            hidden = F.relu(linear(self.fc, x)).square()
         else:
             hidden = F.gelu(linear(self.fc, x), approximate="tanh")
         return dropout(linear(self.proj, hidden), self.dropout if self.training else 0.0)

@@ -1,4 +1,4 @@
-"""The training loop: next-token prediction with AdamW, a warmup + cosine schedule, and checkpoints.
+"""The training loop: next-token prediction with AdamW (or Muon), a warmup + decay schedule, and checkpoints.
 
 Each step shows the model windows of text and asks it, at every position, for the next token; the
 loss is the cross-entropy of its predicted distribution against the token that really came next.
@@ -36,9 +36,10 @@ from lm.data import BatchSampler, Splits, check_splits, token_byte_lengths
 from lm.device import autocast, configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
-from lm.eval import score_tokens
+from lm.eval import plan_windows, score_tokens
 from lm.generate import complete
 from lm.model import GPT
+from lm.optim import lr_at, make_optimizers, set_lr
 from lm.tokenizer import Tokenizer
 
 # Whole tensors, on the CPU, in the process that asks (rank 0 with FSDP): what a checkpoint stores.
@@ -64,7 +65,7 @@ class TrainUpdate:
     """What the loop reports after each step. Fields other than step/lr are None between log steps."""
 
     step: int
-    max_steps: int
+    max_steps: int  # with a time budget: unknown in advance, 0
     lr: float
     loss: float | None = None
     tokens_per_s: float | None = None
@@ -110,28 +111,6 @@ def _kept(last_checkpoint: int) -> str:
     return f"the last good checkpoint (step {last_checkpoint}) is kept"
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to `lr`, then a cosine decay to `lr x min_lr_ratio` at `max_steps`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and norm gains just hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel updates all parameters in one pass (CUDA, and CPUs since torch 2.4).
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
-
-
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per matrix weight (forward + backward) plus attention's score products."""
     config = model.config
@@ -172,7 +151,10 @@ class Trainer:
         self.fsdp = self.config.fsdp and self.dist.enabled
         # The module the training step runs: DDP around the model, or the model itself, sharded.
         self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
-        self.optimizer = make_optimizer(self.model, self.config, self.device)
+        if self.fsdp and self.config.optimizer == "muon":
+            raise UsageError("--optimizer muon orthogonalises whole weight matrices, which --fsdp shards; "
+                             "train with DDP (--ddp, the default) or --optimizer adamw")
+        self.optimizers = make_optimizers(self.model, self.config, self.device)
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, self.config.seed)
@@ -183,6 +165,11 @@ class Trainer:
             self._restore(resumed[1])
         self.forward = torch.compile(self.network) if self.config.compile else self.network
         self.byte_lengths = token_byte_lengths(setup.tokenizer).to(self.device)
+        # What the closing evaluation and checkpoint cost, for a time budget to leave room for them.
+        self._val_windows = len(plan_windows(len(setup.splits.val) + 1, setup.model_config.context_length).starts)
+        self._window_seconds: float | None = None
+        self._sample_seconds = 0.0
+        self._save_seconds = 0.0
         self.peak = peak_flops(self.device, self.dtype)
 
     @property
@@ -195,10 +182,12 @@ class Trainer:
 
     def run(self, on_update: Callable[[TrainUpdate], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
-        """Train until `max_steps` or until `should_stop()` says so; checkpoint on the way and at the end."""
+        """Train until `max_steps` (or the time budget) or until `should_stop()` says so; checkpoint on the
+        way and at the end."""
         config = self.config
-        if self.step >= config.max_steps:
-            return TrainOutcome("already-done", self.step, config.max_steps, self.elapsed_s)
+        max_steps = 0 if config.time_budget else config.max_steps
+        if self.step > 0 and self._finished(self.elapsed_s):  # a new run takes at least one step
+            return TrainOutcome("already-done", self.step, max_steps, self.elapsed_s)
         self.model.train()
         interval_loss = torch.zeros((), device=self.device)
         interval_steps, interval_seconds = 0, 0.0
@@ -208,13 +197,14 @@ class Trainer:
         run_started = time.perf_counter() - self.elapsed_s
         if self.step == 0 and self.setup.evaluate_at_start and not self.setup.resume:
             evaluation = self._evaluate_at_start(on_update, run_started)
-        while self.step < config.max_steps:
+        final = False
+        while not final:
             if distributed.any_process(self.dist, should_stop is not None and should_stop(), self.device):
                 self._check_finite(interval_loss, interval_steps, last_checkpoint)
                 self._save()
                 self.elapsed_s = time.perf_counter() - run_started
-                return TrainOutcome("interrupted", self.step, config.max_steps, self.elapsed_s, evaluation)
-            lr = lr_at(self.step, config)
+                return TrainOutcome("interrupted", self.step, max_steps, self.elapsed_s, evaluation)
+            lr = lr_at(self.step, config, self._time_progress(time.perf_counter() - run_started))
             started = time.perf_counter()
             try:
                 interval_loss += self._train_step(lr)
@@ -228,8 +218,8 @@ class Trainer:
             self.step += 1
             interval_steps += 1
             self.tokens_seen += self.tokens_per_step
-            final = self.step == config.max_steps
-            update = TrainUpdate(self.step, config.max_steps, lr)
+            final = self._finished(time.perf_counter() - run_started)
+            update = TrainUpdate(self.step, max_steps, lr)
             if self.step % config.log_every == 0 or self.step % config.eval_every == 0 or final:
                 loss = self._check_finite(interval_loss, interval_steps, last_checkpoint)  # syncs the GPU
                 interval_seconds += time.perf_counter() - started
@@ -250,16 +240,55 @@ class Trainer:
             if update.loss is not None:
                 self._log(update)
             if self.step % config.checkpoint_every == 0 or final:
+                saving = time.perf_counter()
                 self._save()
+                self._save_seconds = time.perf_counter() - saving
                 last_checkpoint = self.step
                 update.saved = True
             if on_update is not None:
                 on_update(update)
-        return TrainOutcome("finished", self.step, config.max_steps, self.elapsed_s, evaluation)
+        self.elapsed_s = time.perf_counter() - run_started
+        return TrainOutcome("finished", self.step, max_steps, self.elapsed_s, evaluation)
+
+    def _finished(self, elapsed_s: float) -> bool:
+        """Whether the step just taken is the last: `max_steps` reached, or the time budget (less what the
+        closing evaluation and checkpoint will take) spent. Every process decides alike."""
+        if not self.config.time_budget:
+            return self.step >= self.config.max_steps
+        spent = elapsed_s + self._closing_seconds() >= self.config.time_budget
+        return distributed.any_process(self.dist, spent, self.device)
+
+    def _time_progress(self, elapsed_s: float) -> float | None:
+        """With a time budget, the share of the training time spent (the schedule's clock); else None."""
+        if not self.config.time_budget:
+            return None
+        return elapsed_s / max(1e-9, self.config.time_budget - self._closing_seconds())
+
+    def _closing_seconds(self) -> float:
+        """An estimate of the closing evaluation (every validation window, and a sample) plus the checkpoint."""
+        if self._window_seconds is None:
+            self._time_scoring()
+        assert self._window_seconds is not None
+        return 1.1 * (self._val_windows * self._window_seconds + self._sample_seconds) + self._save_seconds
+
+    def _time_scoring(self) -> None:
+        """Time a batch of validation windows once, before evaluations have measured it (after a first,
+        untimed call: the first pass through a model pays for its kernels' one-time set-up)."""
+        self.model.eval()
+        with self.autocast():
+            for windows in (self.config.batch_size, self.config.batch_size):
+                started = time.perf_counter()
+                scores = score_tokens(self.model, self.setup.splits.val, self.byte_lengths,
+                                      self.setup.model_config.context_length, eot_id=self.setup.tokenizer.eot_id,
+                                      batch_size=windows, max_windows=windows)
+        self.model.train()
+        self._window_seconds = (time.perf_counter() - started) / scores.windows
 
     def _evaluate_at_start(self, on_update: Callable[[TrainUpdate], None] | None, run_started: float) -> Evaluation:
         """Where a run that starts from trained weights stands before it moves them: all of the validation text."""
-        update = TrainUpdate(0, self.config.max_steps, lr_at(0, self.config), evaluation=self.evaluate(complete=True))
+        max_steps = 0 if self.config.time_budget else self.config.max_steps
+        update = TrainUpdate(0, max_steps, lr_at(0, self.config, self._time_progress(0.0)),
+                             evaluation=self.evaluate(complete=True))
         self.elapsed_s = update.elapsed_s = time.perf_counter() - run_started
         self._log(update)
         if on_update is not None:
@@ -268,8 +297,7 @@ class Trainer:
 
     def _train_step(self, lr: float) -> torch.Tensor:
         """One optimiser step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizers, lr)
         total = torch.zeros((), device=self.device)
         for micro in range(self.config.grad_accum):
             inputs, targets = self._batch()
@@ -280,15 +308,18 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        for optimizer in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)  # skipped (by the scaler) when the gradients overflowed
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return total
 
     def _gradient_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -314,13 +345,17 @@ class Trainer:
         the scoring windows (eval_batches x batch_size of them, the same ones every time) estimates it.
         """
         config = self.config
+        started = time.perf_counter()
         self.model.eval()
         with self.autocast():
             scores = score_tokens(
                 self.model, self.setup.splits.val, self.byte_lengths, self.setup.model_config.context_length,
                 eot_id=self.setup.tokenizer.eot_id, batch_size=config.batch_size,
                 max_windows=None if complete else config.eval_batches * config.batch_size)
+        scored = time.perf_counter()
+        self._window_seconds = (scored - started) / scores.windows
         sample = self.sample()
+        self._sample_seconds = time.perf_counter() - scored
         self.model.train()
         total = scores.total
         return Evaluation(val_loss=total.loss, val_bpb=total.bits_per_byte, train_loss=train_loss, sample=sample,
@@ -370,7 +405,7 @@ class Trainer:
         """The training state to checkpoint (with FSDP every process must call this: it gathers)."""
         state: dict[str, Any] = {
             "step": self.step, "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen,
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_ON_CPU),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizers, options=FULL_ON_CPU),
             "sampler": self.sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
@@ -389,7 +424,7 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         # Every process read the same full checkpoint; FSDP keeps its own shard of each tensor.
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+        set_optimizer_state_dict(self.model, self.optimizers, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=self.fsdp))
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_cpu"])

@@ -13,7 +13,8 @@ from lm import checkpoint, rundir
 from lm.config import ModelConfig, TrainConfig
 from lm.data import split_text, tokenize_split
 from lm.errors import InputError
-from lm.train import Trainer, TrainingDiverged, TrainingSetup, lr_at
+from lm.optim import lr_at
+from lm.train import Trainer, TrainingDiverged, TrainingSetup
 
 METRIC_KEYS = {"step", "loss", "lr", "tokens_per_s", "time_s"}
 
@@ -63,16 +64,17 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(55, config) == pytest.approx(0.55)  # half way down the cosine
 
 
-def test_resume_is_exact_to_the_bit(sample_tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact_to_the_bit(sample_tokenizer, tmp_path: Path, optimizer: str) -> None:
     straight = tmp_path / "straight"
-    Trainer(make_setup(straight, sample_tokenizer, max_steps=20)).run()
+    Trainer(make_setup(straight, sample_tokenizer, max_steps=20, optimizer=optimizer)).run()
 
     halves = tmp_path / "halves"
-    first = Trainer(make_setup(halves, sample_tokenizer, max_steps=20))
+    first = Trainer(make_setup(halves, sample_tokenizer, max_steps=20, optimizer=optimizer))
     stopped = first.run(should_stop=lambda: first.step == 10)
     assert (stopped.status, stopped.step) == ("interrupted", 10)
     assert rundir.latest_checkpoint(halves).name == "step-000010"
-    resumed = Trainer(make_setup(halves, sample_tokenizer, resume=True, max_steps=20))
+    resumed = Trainer(make_setup(halves, sample_tokenizer, resume=True, max_steps=20, optimizer=optimizer))
     assert resumed.step == 10
     assert resumed.run().status == "finished"
     assert losses(halves) == losses(straight)  # float equality: bit for bit, all 20 steps
