@@ -21,6 +21,7 @@ PEAK_FLOPS_16BIT = (
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),  # after L40S, before L4: names are matched by substring, first hit wins
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
