@@ -37,11 +37,15 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[$*]"
 	@touch $@
 
+# The corpus comes as $(CORPUS)/train and $(CORPUS)/heldout (two whole plays): the tokenizer and the
+# model learn from train/ only, so the bits per byte measured on heldout/ are honest.
 demo: $(VENV)/.installed-dev
 	$(LM) corpus shakespeare --out $(CORPUS)
-	$(LM) train-tokenizer $(CORPUS) --vocab-size 8192 --out runs/tokenizer.json --force
-	$(LM) tokenize runs/tokenizer.json "$$(sed -n 1453p $(CORPUS)/romeo_and_juliet_gut.txt)"
-	$(LM) train $(CORPUS) --tokenizer runs/tokenizer.json --preset tiny --out $(RUN) --force
+	$(LM) train-tokenizer $(CORPUS)/train --vocab-size 8192 --out runs/tokenizer.json --force
+	$(LM) tokenize runs/tokenizer.json "$$(sed -n 1453p $(CORPUS)/train/romeo_and_juliet_gut.txt)"
+	$(LM) train $(CORPUS)/train --val $(CORPUS)/heldout --tokenizer runs/tokenizer.json --preset tiny \
+		--out $(RUN) --force
+	$(LM) eval $(RUN) --text $(CORPUS)/heldout
 	$(LM) generate $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1 --stats
 	$(LM) inspect-attention $(RUN) --top 3 \
 		--text "$$($(LM) generate $(RUN) --prompt 'JULIET:' --max-new-tokens 12 --temperature 0.6 --seed 2)"
@@ -55,12 +59,12 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev,bench
 	$(LM) corpus shakespeare --out $(CORPUS)
 	$(BIN)/python bench/startup.py
-	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)
+	$(BIN)/python bench/tokenizer.py --corpus $(CORPUS)/train
 	$(BIN)/python bench/train.py --compile
 	$(BIN)/python bench/quality.py --corpus $(CORPUS)
 	$(BIN)/python bench/generate.py --run $(RUN)
 	$(BIN)/python bench/inspect_attention.py --run $(RUN)
-	$(BIN)/python bench/ddp.py --corpus $(CORPUS)
+	$(BIN)/python bench/ddp.py --corpus $(CORPUS)/train
 
 # On a GPU machine whose python already has torch and the rest (and maybe no network), skip the venv:
 #   make gpu-check VENV=              (or PYTHON=/path/to/python3 VENV=)

@@ -5,7 +5,7 @@ DistributedDataParallel), in alternating runs, and compares training tokens/s fr
 (evaluation and checkpoints excluded). Meant for a GPU (`--device cuda --preset gpt2`); on a CPU it
 measures the same wrapper against gloo.
 
-    python bench/ddp.py --corpus data/shakespeare [--device cuda --preset gpt2 --steps 50]
+    python bench/ddp.py --corpus data/shakespeare/train [--device cuda --preset gpt2 --steps 50]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def tokens_per_s(run: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare"))
+    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare/train"))
     parser.add_argument("--tokenizer", type=Path, default=Path("runs/tokenizer.json"))
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")

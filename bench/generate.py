@@ -100,25 +100,28 @@ def print_speed(title: str, results: dict[str, float]) -> float:
 def quality(run: Path) -> None:
     from lm import rundir
     from lm.checkpoint import load_run
-    from lm.data import eval_windows, split_tokens, token_byte_lengths, tokenize_corpus
+    from lm.data import token_byte_lengths, tokenize_corpus
+    from lm.eval import score_tokens
     from lm.textfiles import find_text_files
-    from lm.train import score_windows
 
     model, tokenizer, info = load_run(run)
-    sources = find_text_files(info.extra["corpus"]["paths"], exclude=[run / rundir.TOKENIZER])
-    corpus = tokenize_corpus(sources, tokenizer)
-    splits = split_tokens(corpus.tokens, info.train.val_fraction, info.model.context_length)
-    windows = eval_windows(splits.val, info.model.context_length, 256)
+    validation = info.extra.get("validation", {})
+    if "paths" not in validation:
+        console.print(f"(quality cost skipped: {run} was not trained with --val files to score on)")
+        return
+    sources = find_text_files(validation["paths"], exclude=[run / rundir.TOKENIZER])
+    tokens = tokenize_corpus(sources, tokenizer).tokens
     lengths = token_byte_lengths(tokenizer)
-    table = Table(title=f"Quality cost on {run} (validation: {windows.numel():,} tokens)", title_justify="left")
+    table = Table(title=f"Quality cost on {run}'s validation text (first 512 windows)", title_justify="left")
     for column in ("weights", "val loss", "val bits/byte"):
         table.add_column(column, justify="right" if column != "weights" else "left")
     variants = {"float32": model,
                 "int8 linear layers": prepare_for_generation(copy.deepcopy(model), quantize="int8"),
                 "bfloat16": prepare_for_generation(copy.deepcopy(model), torch.bfloat16)}
     for name, variant in variants.items():
-        loss, bpb = score_windows(variant, windows, lengths, 32)
-        table.add_row(name, f"{loss:.4f}", f"{bpb:.4f}")
+        total = score_tokens(variant, tokens[:512 * info.model.context_length // 2], lengths,
+                             info.model.context_length, eot_id=tokenizer.eot_id, batch_size=32).total
+        table.add_row(name, f"{total.loss:.4f}", f"{total.bits_per_byte:.4f}")
     console.print(table)
 
 

@@ -6,7 +6,7 @@ start to tokenizer.json written), throughput, peak RSS and bytes per token on th
 Targets: lm within 1.15x of the bare library's time, and peak RSS on the corpus copied 10 times
 within 1.3x of the peak on one copy (memory follows distinct words, not corpus size).
 
-    python bench/tokenizer.py --corpus data/shakespeare      (or: make bench)
+    python bench/tokenizer.py --corpus data/shakespeare/train      (or: make bench)
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def bytes_per_token(tokenizer_json: Path, corpus: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare"))
+    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare/train"))
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scale", type=int, default=10, help="copies of the corpus for the memory check")

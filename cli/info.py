@@ -37,7 +37,14 @@ def command(
     facts.add_row("checkpoint", f"step {step} of {info.train.max_steps:,}" if latest else step)
     if corpus:
         facts.add_row("corpus", f"{corpus.get('files', 0):,} files, {human_bytes(corpus.get('text_bytes', 0))}, "
-                                f"{corpus.get('tokens', 0):,} tokens ({corpus.get('val_tokens', 0):,} for validation)")
+                                f"{corpus.get('tokens', 0):,} tokens")
+    validation = info.extra.get("validation")
+    if validation:
+        what = ("the --val files" if "paths" in validation
+                else f"the last {validation['fraction']:.0%} of the text, set aside before tokenizing")
+        facts.add_row("validation", f"{what}: {validation['files']:,} files, "
+                                    f"{human_bytes(validation['text_bytes'])}, {validation['tokens']:,} tokens; "
+                                    f"tokenizer {validation['tokenizer']}")
     if metrics:
         last = metrics[-1]
         facts.add_row("last step", f"{last['step']:,}: loss {last['loss']:.3f}, {last['tokens_per_s']:,.0f} tok/s, "

@@ -9,6 +9,7 @@ import typer
 
 from cli import (
     corpus,
+    evaluate,
     export,
     generate,
     import_hf,
@@ -35,6 +36,7 @@ app.command("train-tokenizer")(train_tokenizer.command)
 app.command("tokenize")(tokenize_text.command)
 app.command("train")(train.command)
 app.command("generate")(generate.command)
+app.command("eval")(evaluate.command)
 app.command("inspect-attention")(inspect_attention.command)
 app.command("inspect-embeddings")(inspect_embeddings.command)
 app.command("export")(export.command)

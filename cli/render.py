@@ -9,6 +9,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -49,3 +50,10 @@ def byte_progress(console: Console | None = None) -> Progress:
         transient=True,
         disable=not console.is_terminal,  # in logs and pipes a bar is noise (and leaves a blank line)
     )
+
+
+def task_progress(console: Console | None = None) -> Progress:
+    """A transient progress bar in percent, for work of any unit, drawn only on a terminal."""
+    console = console or stderr()
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)

@@ -29,9 +29,15 @@ def command(
     paths: Annotated[list[str] | None, typer.Argument(
         metavar="PATH", show_default=False,
         help="Text files, folders or globs; with --resume, defaults to the run's own.")] = None,
+    val: Annotated[list[str] | None, typer.Option(
+        "--val", metavar="PATH", show_default=False,
+        help="Validation text: files, folders or globs (repeat --val for several). They are kept out of "
+             "training and out of the tokenizer trained here. Default: the last --val-fraction of the text.")
+    ] = None,
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", metavar="FILE", show_default=False,
-        help="A tokenizer.json; without it one is trained on the same text first.")] = None,
+        help="A tokenizer.json; without it one is trained on the training text (never the validation text).")
+    ] = None,
     vocab_size: Annotated[int, typer.Option(
         "--vocab-size", metavar="N", help="Vocabulary size of the tokenizer trained when --tokenizer is not given.")
     ] = 8192,
@@ -106,7 +112,8 @@ def command(
     ] = None,
     val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", metavar="F", rich_help_panel=TRAIN,
-        help="Share of the tokens (the last) kept for validation.")
+        help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
+             "set aside before the tokenizer is trained.")
     ] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", metavar="S", rich_help_panel=TRAIN, help="Seed for initialisation, batches and samples.")] = None,
@@ -152,6 +159,10 @@ def command(
         if tokenizer is not None:
             raise UsageError("--resume trains on with the run's own tokenizer; drop --tokenizer")
         tokenizer = out / rundir.TOKENIZER
+        saved_val = saved.get("validation", {}).get("paths")
+        if val and saved_val is not None and sorted(map(os.path.abspath, val)) != sorted(saved_val):
+            raise UsageError("--resume validates on the run's own --val files; drop --val")
+        val = val or saved_val
     else:
         if not paths:
             raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
@@ -176,37 +187,43 @@ def command(
 
     # Only now the heavy imports (torch): the checks above answer at once.
     from lm import distributed
-    from lm.data import split_tokens
+    from lm.data import Splits, check_splits, split_text
     from lm.device import resolve_device, resolve_dtype
-    from lm.textfiles import find_text_files
     from lm.tokenizer import Tokenizer
     from lm.train import Trainer, TrainingSetup, check_batch_split
 
     torch_device = resolve_device(train_config.device)
     resolve_dtype(train_config.dtype, torch_device)
-    sources = find_text_files(paths, exclude=[out / rundir.TOKENIZER])
+    text = split_text(paths, val, train_config.val_fraction, exclude=[out / rundir.TOKENIZER])
     context = distributed.init(torch_device.type)
     # Other processes print nothing: their errors still reach standard error.
     console = stderr() if context.is_main else Console(quiet=True)
     try:
         check_batch_split(train_config.batch_size, context.world_size)
+        _describe_validation(console, text.record, val_given=bool(val),
+                             tokenizer=None if resume else tokenizer, train_paths=paths)
         tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _shared_tokenizer(
-            context, sources, vocab_size, console)
+            context, text.train, vocab_size, console)
         model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
         if resume:
             rundir.check_same_model(info.model, model_config)
-        corpus = _shared_corpus(context, sources, tok, console)
+        corpus = _shared_corpus(context, text.train, tok, console)
+        val_corpus = _shared_corpus(context, text.val, tok, console, what="validation")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
-        splits = split_tokens(corpus.tokens, train_config.val_fraction, model_config.context_length)
-        facts = [to_dict(model_config), to_dict(train_config), len(corpus.tokens), corpus.path.name]
+        splits = check_splits(Splits(train=corpus.tokens, val=val_corpus.tokens), model_config.context_length)
+        facts = [to_dict(model_config), to_dict(train_config), len(corpus.tokens), corpus.path.name,
+                 val_corpus.path.name]
         distributed.check_same(context, "configuration or training text", facts)
         if not resume and context.is_main:
             rundir.prepare_run_dir(out, resume=False, force=force)
         distributed.barrier(context)
         # Absolute paths, so that --resume (which reuses them) works from any folder.
         extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
-                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
-                                     "train_tokens": len(splits.train), "val_tokens": len(splits.val)}}
+                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens)},
+                 "validation": {**text.record, "tokens": len(val_corpus.tokens),
+                                "tokenizer": saved.get("validation", {}).get("tokenizer") or (
+                                    "given with --tokenizer" if tokenizer is not None
+                                    else "trained here, on the training text only")}}
         setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, distributed=context,
                               extra_config=extra)
         trainer = Trainer(setup)
@@ -264,13 +281,32 @@ def _shared_tokenizer(context: Distributed, sources: TextFiles, vocab_size: int,
     return Tokenizer.from_str(text[0])
 
 
-def _shared_corpus(context: Distributed, sources: TextFiles, tok: Tokenizer, console: Console) -> TokenCorpus:
+def _shared_corpus(context: Distributed, sources: TextFiles, tok: Tokenizer, console: Console,
+                   what: str = "Corpus") -> TokenCorpus:
     """Encoded once, by process 0; the others then find it in the cache."""
     from lm import distributed
 
-    corpus = _tokenize(sources, tok, console) if context.is_main else None
+    corpus = _tokenize(sources, tok, console, what) if context.is_main else None
     distributed.barrier(context)
-    return corpus if corpus is not None else _tokenize(sources, tok, console)
+    return corpus if corpus is not None else _tokenize(sources, tok, console, what)
+
+
+def _describe_validation(console: Console, record: dict[str, Any], *, val_given: bool, tokenizer: Path | None,
+                         train_paths: list[str]) -> None:
+    """Say what the run validates on, and when its figures could flatter it."""
+    from cli.render import human_bytes
+
+    size = f"{human_bytes(record['text_bytes'])} in {record['files']:,} file{'s' if record['files'] != 1 else ''}"
+    if val_given:
+        console.print(f"Validation: the --val text ({size}), kept out of training.")
+    else:
+        console.print(f"Validation: the last {record['fraction']:.0%} of the text ({size}, from byte "
+                      f"{record['at_byte']:,} of {Path(record['starts_in']).name}), kept out of training.")
+    if tokenizer is not None:
+        leave_out = "without the --val files" if val_given else "on the text minus its validation tail (or use --val)"
+        console.print(f"[yellow]Note:[/] bits per byte are honest only if {tokenizer} was trained without the "
+                      "validation text (a tokenizer that saw it makes it look 7-12% easier); train one with "
+                      f"`lm train-tokenizer {' '.join(train_paths)}` {leave_out}, or drop --tokenizer.")
 
 
 def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
@@ -278,7 +314,7 @@ def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> T
     from lm.tokenizer import TokenizerConfig, train_tokenizer
 
     config = TokenizerConfig(vocab_size=vocab_size)
-    console.print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the same text first.")
+    console.print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the training text first.")
     with byte_progress(console) as progress:
         task = progress.add_task("tokenizer", total=sources.total_bytes)
         tok, report = train_tokenizer(sources, config, lambda n, _: progress.update(task, completed=n))
@@ -287,7 +323,7 @@ def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> T
     return tok
 
 
-def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console) -> TokenCorpus:
+def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console, what: str = "Corpus") -> TokenCorpus:
     from cli.render import byte_progress, human_bytes
     from lm.data import tokenize_corpus
 
@@ -296,7 +332,7 @@ def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console) -> TokenCorp
         corpus = tokenize_corpus(sources, tok, lambda done, total: progress.update(task, completed=done))
     how = "cached" if corpus.reused else "encoded"
     files = f"{corpus.files:,} file{'s' if corpus.files != 1 else ''}"
-    console.print(f"Corpus: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
+    console.print(f"{what.capitalize()}: {files}, {human_bytes(corpus.text_bytes)} -> {len(corpus.tokens):,} "
                   f"tokens ({how}: {corpus.path})")
     return corpus
 

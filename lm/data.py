@@ -5,11 +5,13 @@ array of ids written to the cache folder: uint16 when the vocabulary fits in 65,
 otherwise. The file is named by a hash of the tokenizer and of every input file's bytes, so a second
 run on the same text with the same tokenizer memory-maps it at once. Files are documents: each one is
 followed by `<|endoftext|>`, so the model learns where a text ends and never confuses one with the next.
+The cache also records how many ids each file became, so scores can be given per file.
 
-The last `val_fraction` of the ids (5% by default) is the validation split; the model never trains on
-it. Training batches are windows of `context_length + 1` ids at random offsets in the training split
-(inputs, and the same shifted by one as targets), drawn from a seeded generator whose state is saved
-with each checkpoint, so a resumed run sees exactly the batches it would have seen.
+Validation text is set aside as text, before any tokenizer is trained (`split_text`), and encoded on
+its own: the model never trains on it. Training batches are windows of `context_length + 1` ids at
+random offsets in the training ids (inputs, and the same shifted by one as targets), drawn from a
+seeded generator whose state is saved with each checkpoint, so a resumed run sees exactly the
+batches it would have seen.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from __future__ import annotations
 import array
 import hashlib
 import json
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lm.atomic import atomic_open, atomic_write_text
 from lm.cache import cache_dir
 from lm.errors import InputError
-from lm.textfiles import TextFiles, iter_text_chunks
+from lm.textfiles import TextFiles, find_text_files, hold_out_tail, iter_text_chunks
 from lm.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file token counts
 CHUNKS_PER_BATCH = 64  # ~256 kB of text per encode_batch call: parallel, yet small in memory
 
 
@@ -43,17 +45,21 @@ class TokenCorpus:
     files: int
     text_bytes: int
     reused: bool  # True when the ids came from the cache
+    part_tokens: list[int]  # ids per file (its closing <|endoftext|> included), in order
 
 
 def corpus_key(sources: TextFiles, tokenizer: Tokenizer) -> str:
-    """A hash of the tokenizer and of the content (not the names) of the files, in order."""
+    """A hash of the tokenizer and of the content (not the names) of the files (or parts), in order."""
     digest = hashlib.sha256(f"lm-tokens-v{FORMAT_VERSION}\n".encode())
     digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
-    for path in sources.files:
-        file_digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while block := handle.read(1 << 20):
+    for part in sources.parts:
+        file_digest = hashlib.sha256(f"{part.size}\n".encode())
+        with part.path.open("rb") as handle:
+            handle.seek(part.start)
+            left = part.size
+            while left and (block := handle.read(min(1 << 20, left))):
                 file_digest.update(block)
+                left -= len(block)
         digest.update(file_digest.digest())
     return digest.hexdigest()[:32]
 
@@ -81,14 +87,14 @@ def tokenize_corpus(
     reused = meta is not None and bin_path.is_file() and bin_path.stat().st_size == meta["count"] * dtype.itemsize
     if not reused:
         folder.mkdir(parents=True, exist_ok=True)
-        count = _encode_to_file(sources, tokenizer, bin_path, typecode, on_progress)
+        part_tokens = _encode_to_file(sources, tokenizer, bin_path, typecode, on_progress)
         # The metadata is written last: its presence says the .bin beside it is complete.
-        meta = {"version": FORMAT_VERSION, "count": count, "files": len(sources.files),
-                "text_bytes": sources.total_bytes, "vocab_size": tokenizer.vocab_size}
+        meta = {"version": FORMAT_VERSION, "count": sum(part_tokens), "files": len(sources.parts),
+                "text_bytes": sources.total_bytes, "vocab_size": tokenizer.vocab_size, "part_tokens": part_tokens}
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     assert meta is not None
     tokens = torch.from_file(str(bin_path), shared=False, size=meta["count"], dtype=dtype)
-    return TokenCorpus(tokens, bin_path, meta["files"], meta["text_bytes"], reused)
+    return TokenCorpus(tokens, bin_path, meta["files"], meta["text_bytes"], reused, meta["part_tokens"])
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -100,8 +106,9 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _encode_to_file(sources: TextFiles, tokenizer: Tokenizer, target: Path, typecode: str,
-                    on_progress: Callable[[int, int], None] | None) -> int:
-    count = 0
+                    on_progress: Callable[[int, int], None] | None) -> list[int]:
+    """Write the ids of every part, each followed by <|endoftext|>; return how many ids each part became."""
+    part_tokens: list[int] = []
     done = 0
 
     def add_bytes(n: int) -> None:
@@ -109,8 +116,9 @@ def _encode_to_file(sources: TextFiles, tokenizer: Tokenizer, target: Path, type
         done += n
 
     with atomic_open(target) as out:
-        for path in sources.files:
-            for batch in _batches(iter_text_chunks([path], on_bytes=add_bytes), CHUNKS_PER_BATCH):
+        for part in sources.parts:
+            count = 1  # the closing <|endoftext|>
+            for batch in _batches(iter_text_chunks([part], on_bytes=add_bytes), CHUNKS_PER_BATCH):
                 ids = array.array(typecode)
                 for encoded in tokenizer.encode_batch(batch):
                     ids.extend(encoded)
@@ -119,8 +127,8 @@ def _encode_to_file(sources: TextFiles, tokenizer: Tokenizer, target: Path, type
                 if on_progress is not None:
                     on_progress(done, sources.total_bytes)
             array.array(typecode, [tokenizer.eot_id]).tofile(out)
-            count += 1
-    return count
+            part_tokens.append(count)
+    return part_tokens
 
 
 def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -140,20 +148,47 @@ class Splits:
     val: torch.Tensor
 
 
-def split_tokens(tokens: torch.Tensor, val_fraction: float, context_length: int) -> Splits:
-    """The first (1 - val_fraction) of the ids for training, the rest for validation.
+@dataclass
+class TextSplit:
+    """The training text and the validation text, decided before any tokenizer sees either."""
 
-    Raises `InputError` when either part is too short to hold a single window of context + 1 ids.
-    """
+    train: TextFiles
+    val: TextFiles
+    record: dict[str, Any]  # what the run directory keeps about it (config.json's "validation")
+
+
+def split_text(paths: Sequence[str | Path], val_paths: Sequence[str | Path] | None, val_fraction: float,
+               exclude: Sequence[Path] = ()) -> TextSplit:
+    """With `val_paths`: exactly those files validate, and they are left out of training even if the
+    training paths include them. Without: the last `val_fraction` of the text's bytes, cut at a line end."""
+    if val_paths:
+        val = find_text_files(val_paths, exclude=exclude)
+        train = find_text_files(paths, exclude=[*exclude, *val.files])
+        record: dict[str, Any] = {"paths": [str(p.resolve()) for p in val.files]}
+    else:
+        train, val = hold_out_tail(find_text_files(paths, exclude=exclude), val_fraction)
+        first = val.parts[0]
+        record = {"fraction": val_fraction, "starts_in": str(first.path.resolve()), "at_byte": first.start}
+    record.update(files=len(val.parts), text_bytes=val.total_bytes)
+    return TextSplit(train, val, record)
+
+
+def tokenize_split(text: TextSplit, tokenizer: Tokenizer, cache_root: Path | None = None) -> Splits:
+    """The training and validation ids of `text` (each encoded once and cached)."""
+    return Splits(train=tokenize_corpus(text.train, tokenizer, cache_root=cache_root).tokens,
+                  val=tokenize_corpus(text.val, tokenizer, cache_root=cache_root).tokens)
+
+
+def check_splits(splits: Splits, context_length: int) -> Splits:
+    """Raise `InputError` unless the training ids hold one window of context + 1 and validation a target."""
     window = context_length + 1
-    n_val = math.ceil(len(tokens) * val_fraction)
-    if n_val < window or len(tokens) - n_val < window:
-        needed = math.ceil(max(window / val_fraction, window / (1 - val_fraction)))
-        raise InputError(f"the corpus is {len(tokens):,} tokens, too short for windows of {window} with "
-                         f"{val_fraction:.0%} held out for validation (at least {needed:,} needed); "
-                         "give more text or a smaller --context-length")
-    cut = len(tokens) - n_val
-    return Splits(train=tokens[:cut], val=tokens[cut:])
+    if len(splits.train) < window:
+        raise InputError(f"the training text is {len(splits.train):,} tokens, too short for one window of "
+                         f"{window}; give more text or a smaller --context-length")
+    if len(splits.val) < 2:
+        raise InputError(f"the validation text is {len(splits.val):,} token(s), too short to score; "
+                         "give more text, a larger --val-fraction, or --val FILES")
+    return splits
 
 
 class BatchSampler:
@@ -182,15 +217,6 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
-
-
-def eval_windows(tokens: torch.Tensor, context_length: int, count: int) -> torch.Tensor:
-    """Up to `count` windows of context + 1 ids spread evenly over `tokens`: the same every time."""
-    window = context_length + 1
-    last_start = len(tokens) - window
-    count = max(1, min(count, last_start // context_length + 1))
-    starts = torch.linspace(0, last_start, count).round().long()
-    return tokens[starts[:, None] + torch.arange(window)].long()
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:

@@ -251,12 +251,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        logits_from: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (batch, time, vocab) for `ids` (batch, time), and the mean cross-entropy if `targets`.
 
         With a `cache`, `ids` continue the tokens it holds: they take the next positions, attend to the
-        cached keys and values as well as to each other, and are added to the cache.
+        cached keys and values as well as to each other, and are added to the cache. `logits_from` > 0
+        computes logits (and the loss) only from that position on: scoring needs no more, and the output
+        head is the largest product of a small model.
         """
         positions = self._positions(ids, cache)
         x = self.embed(ids, positions)
@@ -265,10 +268,12 @@ class GPT(nn.Module):
             x, _ = block(x, rope, cache=cache, layer=index)
         if cache is not None and not cache.static:
             cache.length += ids.size(1)
+        if logits_from:
+            x = x[:, logits_from:]
         logits = linear(self.lm_head, self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, logits_from:].flatten())
         return logits, loss
 
     def trace(self, ids: torch.Tensor, attention_layers: set[int] | frozenset[int] = frozenset()) -> Trace:

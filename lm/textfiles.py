@@ -24,13 +24,33 @@ MAX_LINE_CHARS = 1 << 20
 GLOB_CHARS = frozenset("*?[")
 
 
+@dataclass(frozen=True)
+class TextPart:
+    """Bytes `start` to `end` of a file: a whole file, or the piece on one side of a held-out cut."""
+
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
 @dataclass
 class TextFiles:
-    """The files a set of PATH arguments resolved to, in a stable order."""
+    """The files a set of PATH arguments resolved to, in a stable order; each part is one document."""
 
-    files: list[Path]
-    sizes: list[int]
+    parts: list[TextPart]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [part.path for part in self.parts]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [part.size for part in self.parts]
 
     @property
     def total_bytes(self) -> int:
@@ -63,8 +83,61 @@ def find_text_files(specs: Sequence[str | Path], exclude: Sequence[Path] = ()) -
     if not chosen:
         raise InputError(f"no text found in {', '.join(map(str, specs))} "
                          f"({_describe_skips(skipped)}); point at UTF-8 text files")
-    files = list(chosen)
-    return TextFiles(files=files, sizes=[p.stat().st_size for p in files], skipped=skipped)
+    return TextFiles([TextPart(p, 0, p.stat().st_size) for p in chosen], skipped=skipped)
+
+
+def hold_out_tail(sources: TextFiles, fraction: float) -> tuple[TextFiles, TextFiles]:
+    """Split the text in two at a line end: (about the first 1 - `fraction` of the bytes, the rest).
+
+    The cut is the first line end at or after that many bytes (the last one before it when the text
+    ends first), so no line and no UTF-8 character is cut in half; a file cut in two gives one
+    document on each side. Raises `InputError` when one side would be empty.
+    """
+    target = round(sources.total_bytes * (1 - fraction))
+    seen = 0
+    for index, part in enumerate(sources.parts):
+        if seen + part.size > target:
+            cut = _line_end_after(part, part.start + target - seen)
+            if cut == part.end and index == len(sources.parts) - 1:
+                cut = _line_end_before(part, part.end - 1)
+            before = [*sources.parts[:index], *([TextPart(part.path, part.start, cut)] if cut > part.start else [])]
+            after = [*([TextPart(part.path, cut, part.end)] if cut < part.end else []), *sources.parts[index + 1:]]
+            if before and after:
+                return TextFiles(before, sources.skipped), TextFiles(after)
+            break
+        seen += part.size
+    raise InputError(f"{sources.total_bytes:,} bytes of text cannot be split into training and {fraction:.0%} "
+                     "validation at a line end; give more text, or pass --val FILES")
+
+
+def _line_end_after(part: TextPart, offset: int) -> int:
+    """The offset just after the first newline that ends at or after `offset` in `part`, else its end."""
+    if offset <= part.start:
+        return part.start
+    with part.path.open("rb") as handle:
+        position = offset - 1  # a cut right after a newline is already clean: look at the byte before it
+        handle.seek(position)
+        while position < part.end:
+            block = handle.read(min(1 << 16, part.end - position))
+            found = block.find(b"\n")
+            if found >= 0:
+                return position + found + 1
+            position += len(block)
+    return part.end
+
+
+def _line_end_before(part: TextPart, offset: int) -> int:
+    """The offset just after the last newline before `offset` in `part`, else its start."""
+    with part.path.open("rb") as handle:
+        end = offset
+        while end > part.start:
+            start = max(part.start, end - (1 << 16))
+            handle.seek(start)
+            found = handle.read(end - start).rfind(b"\n")
+            if found >= 0:
+                return start + found + 1
+            end = start
+    return part.start
 
 
 def _expand(spec: str) -> list[tuple[Path, bool]]:
@@ -124,20 +197,25 @@ def _describe_skips(skipped: list[tuple[Path, str]]) -> str:
     return f"skipped {len(skipped)} file(s), e.g. {skipped[0][0]} {skipped[0][1]}"
 
 
-def iter_text_chunks(files: Sequence[Path], on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
-    """Yield the text of `files` in pieces of whole lines, about `CHUNK_BYTES` each.
+def iter_text_chunks(files: Sequence[Path | TextPart],
+                     on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Yield the text of `files` (whole files, or parts of them) in pieces of whole lines, about
+    `CHUNK_BYTES` each.
 
     Joining the pieces of a file gives its text back exactly (line endings kept). A line longer than
     `MAX_LINE_CHARS` is cut, so memory stays bounded whatever the input. `on_bytes(n)` is called with
     the bytes consumed after each read. A UTF-8 byte order mark at a file's start is dropped (it marks
     the encoding, it is not text). Raises `InputError` naming the file and offset of invalid UTF-8.
     """
-    for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        offset = 0
+    for item in files:
+        part = item if isinstance(item, TextPart) else TextPart(item, 0, item.stat().st_size)
+        path = part.path
+        decoder = codecs.getincrementaldecoder("utf-8-sig" if part.start == 0 else "utf-8")()
+        offset = part.start
         pending = ""
         with path.open("rb") as handle:
-            while raw := handle.read(CHUNK_BYTES):
+            handle.seek(part.start)
+            while raw := handle.read(min(CHUNK_BYTES, part.end - offset)):
                 try:
                     text = pending + decoder.decode(raw)
                 except UnicodeDecodeError as err:

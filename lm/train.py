@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,10 +32,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lm import checkpoint, distributed, rundir
 from lm.config import ModelConfig, TrainConfig
-from lm.data import BatchSampler, Splits, eval_windows, token_byte_lengths
-from lm.device import configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from lm.data import BatchSampler, Splits, check_splits, token_byte_lengths
+from lm.device import autocast, configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
+from lm.eval import score_tokens
 from lm.generate import complete
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
@@ -55,6 +55,8 @@ class Evaluation:
     val_bpb: float  # bits per byte of text: comparable across tokenizers
     train_loss: float | None  # mean training loss since the previous evaluation
     sample: str
+    val_tokens: int = 0  # validation ids scored: all of them at the end of a run, a spread sample before
+    val_complete: bool = True  # every validation id was scored (the figure `lm eval` gives on that text)
 
 
 @dataclass
@@ -139,31 +141,6 @@ def flops_per_token(model: GPT) -> float:
     return 6 * matmul_params + 12 * config.n_layer * config.d_model * config.context_length
 
 
-@torch.no_grad()
-def score_windows(model: Callable[..., tuple[torch.Tensor, Any]], windows: torch.Tensor, byte_lengths: torch.Tensor,
-                  batch_size: int) -> tuple[float, float]:
-    """Mean loss (nats per token) and bits per byte of `model` predicting each window's next tokens.
-
-    Bits per byte = total nats over the text's tokens / (ln 2 x the text's bytes). Special tokens such
-    as <|endoftext|> stand for no text and are left out of both sums. Unlike the loss, this does not
-    depend on the tokenizer, so models with different vocabularies compare.
-    """
-    device = byte_lengths.device
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    text_nats, text_bytes = torch.zeros_like(nats), torch.zeros_like(nats)
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        targets = batch[:, 1:].flatten()
-        logits, _ = model(batch[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
-        lengths = byte_lengths[targets]
-        nats += losses.sum()
-        text_nats += (losses * (lengths > 0)).sum()
-        text_bytes += lengths.sum()
-    count = windows.size(0) * (windows.size(1) - 1)
-    return nats.item() / count, text_nats.item() / (math.log(2) * max(text_bytes.item(), 1))
-
-
 class Trainer:
     """Holds the model, optimiser, data sampler and counters of one run."""
 
@@ -187,6 +164,7 @@ class Trainer:
         if resumed is not None:
             checkpoint.load_weights(self.model, resumed[0] / rundir.WEIGHTS)
         check_batch_split(self.config.batch_size, self.dist.world_size)
+        check_splits(setup.splits, setup.model_config.context_length)
         self.fsdp = self.config.fsdp and self.dist.enabled
         # The module the training step runs: DDP around the model, or the model itself, sharded.
         self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
@@ -201,8 +179,6 @@ class Trainer:
             self._restore(resumed[1])
         self.forward = torch.compile(self.network) if self.config.compile else self.network
         self.byte_lengths = token_byte_lengths(setup.tokenizer).to(self.device)
-        self.val_windows = eval_windows(setup.splits.val, setup.model_config.context_length,
-                                        self.config.eval_batches * self.config.batch_size)
         self.peak = peak_flops(self.device, self.dtype)
 
     @property
@@ -211,9 +187,7 @@ class Trainer:
         return c.batch_size * c.grad_accum * self.setup.model_config.context_length
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def run(self, on_update: Callable[[TrainUpdate], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
@@ -264,7 +238,7 @@ class Trainer:
                 interval_seconds += time.perf_counter() - started
             if self.step % config.eval_every == 0 or final:
                 train_loss = sum(since_eval) / len(since_eval) if since_eval else None
-                evaluation = update.evaluation = self.evaluate(train_loss)
+                evaluation = update.evaluation = self.evaluate(train_loss, complete=final)
                 since_eval = []
             self.elapsed_s = update.elapsed_s = time.perf_counter() - run_started
             if update.loss is not None:
@@ -319,15 +293,24 @@ class Trainer:
                     targets.pin_memory().to(self.device, non_blocking=True))
         return inputs.to(self.device), targets.to(self.device)
 
-    def evaluate(self, train_loss: float | None = None) -> Evaluation:
-        """Loss and bits per byte on the validation windows (the same ones every time), and a sample."""
+    def evaluate(self, train_loss: float | None = None, complete: bool = True) -> Evaluation:
+        """Loss and bits per byte on the validation text (`lm.eval`'s scoring), and a sample.
+
+        `complete` scores every validation id, as `lm eval` does; otherwise an evenly spread subset of
+        the scoring windows (eval_batches x batch_size of them, the same ones every time) estimates it.
+        """
+        config = self.config
         self.model.eval()
         with self.autocast():
-            val_loss, val_bpb = score_windows(self.forward, self.val_windows, self.byte_lengths,
-                                              self.config.batch_size)
+            scores = score_tokens(
+                self.model, self.setup.splits.val, self.byte_lengths, self.setup.model_config.context_length,
+                eot_id=self.setup.tokenizer.eot_id, batch_size=config.batch_size,
+                max_windows=None if complete else config.eval_batches * config.batch_size)
         sample = self.sample()
         self.model.train()
-        return Evaluation(val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss, sample=sample)
+        total = scores.total
+        return Evaluation(val_loss=total.loss, val_bpb=total.bits_per_byte, train_loss=train_loss, sample=sample,
+                          val_tokens=total.tokens, val_complete=complete)
 
     def sample(self) -> str:
         """A short continuation of <|endoftext|> (the start of a new document), seeded: the same at a given step."""
@@ -353,6 +336,7 @@ class Trainer:
         if update.evaluation is not None:
             record["val_loss"] = round(update.evaluation.val_loss, 6)
             record["val_bpb"] = round(update.evaluation.val_bpb, 6)
+            record["val_tokens"] = update.evaluation.val_tokens
         if self.dist.is_main:
             rundir.append_metrics(self.setup.run_dir, record)
 

@@ -10,7 +10,7 @@ import torch
 
 from lm import distributed, rundir
 from lm.config import ModelConfig, TrainConfig
-from lm.data import split_tokens, tokenize_corpus
+from lm.data import split_text, tokenize_split
 from lm.textfiles import find_text_files
 from lm.tokenizer import TokenizerConfig, train_tokenizer
 from lm.train import Trainer, TrainingSetup
@@ -27,12 +27,12 @@ def main() -> None:
     model = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, n_layer=1, n_head=2, d_model=16)
     train = TrainConfig(max_steps=20, batch_size=8, lr=3e-3, warmup_steps=50, eval_every=10, log_every=1,
                         sample_tokens=0, val_fraction=0.1, device="cpu")
-    corpus = tokenize_corpus(find_text_files([sample]), tokenizer, cache_root=workdir / "cache")
+    splits = tokenize_split(split_text([sample], None, 0.1), tokenizer, cache_root=workdir / "cache")
     run = workdir / "run"
     if context.is_main:
         rundir.prepare_run_dir(run, resume=False, force=True)
     distributed.barrier(context)
-    trainer = Trainer(TrainingSetup(run, model, train, tokenizer, split_tokens(corpus.tokens, 0.1, 16),
+    trainer = Trainer(TrainingSetup(run, model, train, tokenizer, splits,
                                     distributed=context))
     if case == "rank-dies" and context.rank == 1:
         real_step = trainer._train_step

@@ -92,8 +92,12 @@ def bad_cases(tmp: Path, run: Path) -> dict[str, tuple[list[str], tuple[str, ...
         "unknown preset": (["train", str(SAMPLE), "--out", str(fresh), "--preset", "huge"], ("unknown preset 'huge'",)),
         "impossible config": (["train", str(SAMPLE), "--out", str(fresh), *SMALL, "--n-head", "3"],
                               ("--n-head 3 does not divide --d-model 16",)),
-        "corpus too short": (["train", str(SAMPLE), "--out", str(fresh), *SMALL, "-T", "1024"],
-                             ("too short for windows of 1025",)),
+        "corpus too short": (["train", str(SAMPLE), "--out", str(fresh), *SMALL, "-T", "4096"],
+                             ("too short for one window of 4097",)),
+        "missing validation text": (["train", str(SAMPLE), "--out", str(fresh), *SMALL, "--val", str(tmp / "no.txt")],
+                                    ("no.txt does not exist",)),
+        "validation is all the text": (["train", str(SAMPLE), "--out", str(fresh), *SMALL, "--val", str(SAMPLE)],
+                                       ("no text found",)),
         "not a tokenizer": (["train", str(SAMPLE), "--out", str(fresh), "--tokenizer", str(SAMPLE)],
                             ("is not a tokenizer.json",)),
         "resume without checkpoint": (["train", str(SAMPLE), "--out", str(fresh), "--resume"],
@@ -107,7 +111,8 @@ def bad_cases(tmp: Path, run: Path) -> dict[str, tuple[list[str], tuple[str, ...
     }
 
 
-CASES = ["unknown preset", "impossible config", "corpus too short", "not a tokenizer", "resume without checkpoint",
+CASES = ["unknown preset", "impossible config", "corpus too short", "missing validation text",
+         "validation is all the text", "not a tokenizer", "resume without checkpoint",
          "existing run", "resume changing the model", "no text", "bad learning rate", "unknown dtype"]
 
 

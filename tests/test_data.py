@@ -8,8 +8,9 @@ from conftest import SAMPLE
 
 from lm.data import (
     BatchSampler,
-    eval_windows,
-    split_tokens,
+    Splits,
+    check_splits,
+    split_text,
     token_byte_lengths,
     token_storage,
     tokenize_corpus,
@@ -55,13 +56,23 @@ def test_storage_width_follows_the_vocabulary() -> None:
     assert token_storage(65537) == (torch.uint32, "I")
 
 
-def test_split_and_its_limits() -> None:
+def test_splits_need_a_training_window_and_a_validation_target() -> None:
     tokens = torch.arange(1000)
-    splits = split_tokens(tokens, 0.1, context_length=16)
-    assert len(splits.val) == 100 and len(splits.train) == 900
-    assert splits.val[0] == 900  # the end of the corpus is held out
-    with pytest.raises(InputError, match="too short for windows of 129"):
-        split_tokens(tokens, 0.05, context_length=128)
+    assert check_splits(Splits(tokens[:900], tokens[900:]), context_length=16).val[0] == 900
+    with pytest.raises(InputError, match="too short for one window of 129"):
+        check_splits(Splits(tokens[:100], tokens[100:]), context_length=128)
+    with pytest.raises(InputError, match="validation text is 1 token"):
+        check_splits(Splits(tokens[:999], tokens[999:]), context_length=16)
+
+
+def test_split_text_keeps_validation_out_of_training(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("three\n", encoding="utf-8")
+    given = split_text([tmp_path], [tmp_path / "b.txt"], 0.5)
+    assert given.train.files == [tmp_path / "a.txt"] and given.val.files == [tmp_path / "b.txt"]
+    assert given.record["paths"] == [str((tmp_path / "b.txt").resolve())] and given.record["text_bytes"] == 6
+    tail = split_text([tmp_path], None, 0.3)
+    assert tail.record["fraction"] == 0.3 and tail.val.total_bytes + tail.train.total_bytes == 14
 
 
 def test_batches_are_shifted_windows_and_resume_exactly() -> None:
@@ -89,15 +100,6 @@ def test_windows_reach_the_last_token() -> None:
     sampler = BatchSampler(tokens, context_length=18, seed=0)
     seen = torch.cat([sampler.next_batch(64)[1] for _ in range(4)])
     assert seen.max() == 19 and seen.min() >= 1
-
-
-def test_eval_windows_are_fixed_and_in_range() -> None:
-    tokens = torch.arange(1000, dtype=torch.int32)
-    windows = eval_windows(tokens, context_length=32, count=10)
-    assert windows.shape == (10, 33)
-    assert windows[0, 0] == 0 and windows[-1, -1] == 999
-    assert torch.equal(windows, eval_windows(tokens, 32, 10))
-    assert eval_windows(tokens[:40], 32, 10).shape == (1, 33)
 
 
 def test_special_tokens_have_no_bytes(sample_tokenizer) -> None:

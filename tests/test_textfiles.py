@@ -6,7 +6,7 @@ import pytest
 
 from lm import textfiles
 from lm.errors import InputError
-from lm.textfiles import find_text_files, iter_text_chunks
+from lm.textfiles import find_text_files, hold_out_tail, iter_text_chunks
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -99,3 +99,27 @@ def test_truncated_character_at_the_end(tmp_path: Path) -> None:
     path = write(tmp_path / "cut.txt", "ok 日".encode()[:-1])
     with pytest.raises(InputError, match="ends inside a UTF-8 character"):
         list(iter_text_chunks([path]))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.5, 0.9])
+def test_held_out_tail_is_cut_at_a_line_end_and_loses_nothing(tmp_path: Path, fraction: float) -> None:
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a, ünïcode\n" for i in range(40)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("".join(f"b{i}\n" for i in range(30)), encoding="utf-8")
+    sources = find_text_files([tmp_path])
+    train, val = hold_out_tail(sources, fraction)
+    def text(parts: list) -> str:
+        return "".join(iter_text_chunks(parts))
+
+    assert text(train.parts) + text(val.parts) == text(sources.parts)
+    assert text(train.parts).endswith("\n") and val.total_bytes + train.total_bytes == sources.total_bytes
+    assert abs(val.total_bytes - fraction * sources.total_bytes) < 30  # within a line of the fraction
+
+
+def test_held_out_tail_of_one_long_final_line_cuts_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("short\n" + "x" * 100 + "\n", encoding="utf-8")
+    train, val = hold_out_tail(find_text_files([path]), 0.1)
+    assert "".join(iter_text_chunks(val.parts)) == "x" * 100 + "\n" and train.total_bytes == 6
+    with pytest.raises(InputError, match="cannot be split into training and 10% validation"):
+        hold_out_tail(find_text_files([write(tmp_path / "one.txt", "a single line\n")]), 0.1)
+
