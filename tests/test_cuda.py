@@ -23,11 +23,10 @@ from conftest import ROOT, SAMPLE
 
 from lm import checkpoint, rundir
 from lm.config import ModelConfig, TrainConfig
-from lm.data import split_tokens, tokenize_corpus
+from lm.data import split_text, tokenize_split
 from lm.generate import CompiledDecoder, GenerationStats, Step, generate_tokens
 from lm.model import GPT, causal_attention, explicit_attention
 from lm.sampling import SamplingConfig
-from lm.textfiles import find_text_files
 from lm.train import Trainer, TrainingSetup
 
 pytestmark = pytest.mark.cuda
@@ -51,8 +50,8 @@ def make_setup(run_dir: Path, tokenizer, text: Path, resume: bool = False, **tra
     train = TrainConfig(**{"max_steps": 60, "batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "eval_every": 30,
                            "eval_batches": 2, "log_every": 1, "sample_tokens": 8, "val_fraction": 0.1,
                            "device": DEVICE, **train_changes})
-    corpus = tokenize_corpus(find_text_files([text]), tokenizer, cache_root=run_dir.parent / "token-cache")
-    splits = split_tokens(corpus.tokens, train.val_fraction, model.context_length)
+    splits = tokenize_split(split_text([text], None, train.val_fraction), tokenizer,
+                            cache_root=run_dir.parent / "token-cache")
     if not resume:
         rundir.prepare_run_dir(run_dir, resume=False, force=True)
     return TrainingSetup(run_dir, model, train, tokenizer, splits, resume=resume)
