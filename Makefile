@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint bench clean
+.PHONY: help demo test lint bench gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
@@ -23,6 +23,8 @@ help:
 	@echo "make test    run the test suite"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
+	@echo "make gpu-check  check and time the CUDA path (says so and exits 0 where there is no GPU);"
+	@echo "             VENV= uses \$$(PYTHON) and its packages as they are (no venv, no installs)"
 	@echo "make clean   remove .venv, runs/ and caches (the downloaded corpus stays)"
 
 $(BIN)/python:
@@ -65,6 +67,21 @@ bench: $(VENV)/.installed-dev,bench
 	$(BIN)/python bench/generate.py --run $(RUN)
 	$(BIN)/python bench/inspect_attention.py --run $(RUN)
 	$(BIN)/python bench/ddp.py --corpus $(CORPUS)/train
+
+# On a GPU machine whose python already has torch and the rest (and maybe no network), skip the venv:
+#   make gpu-check VENV=              (or PYTHON=/path/to/python3 VENV=)
+# The checkout is then imported from here (PYTHONPATH), nothing is installed.
+ifeq ($(strip $(VENV)),)
+GPU_CHECK_PYTHON := PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON)
+GPU_CHECK_NEEDS :=
+else
+GPU_CHECK_PYTHON := $(BIN)/python
+GPU_CHECK_NEEDS := $(VENV)/.installed-dev,bench
+endif
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(GPU_CHECK_NEEDS)
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info

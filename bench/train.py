@@ -6,10 +6,14 @@ precision (float32 on a CPU), same optimiser (torch AdamW, fused, lr 1e-3, weigh
 backward, clip, optimiser step); blocks of the models alternate so a drifting machine hits all alike.
 With `--compile`, torch.compile'd versions of both run too. Target: lm >= 1.2x.
 
-On an x86 CPU lm computes its linear layers with oneDNN instead of PyTorch's default (MKL), see
-lm/linear.py; the row "lm, PyTorch's default matmul" shows lm's model without that choice. The
-malloc setting `lm train` makes on Linux (lm.device.keep_freed_memory) is left out here: it is
-process-wide, so in this one process it would speed up both models.
+On an x86 CPU lm computes each linear layer with whichever float32 kernel, oneDNN or PyTorch's default
+(MKL), it measured as faster for that shape on this machine (lm/linear.py); the bench measures afresh
+(in a temporary cache folder), says what was chosen, and also times lm with each kernel forced
+(LM_CPU_MATMUL), so "lm" can be checked to be at least as fast as the better of the two. Efficiency is
+the CPU's counterpart of MFU: the model's training FLOPs per token x tokens/s, against this machine's
+float32 rate on a 2048 x 2048 matrix product (the faster of the two kernels), timed between the
+blocks. The malloc setting `lm train` makes on Linux (lm.device.keep_freed_memory) is left out here:
+it is process-wide, so in this one process it would speed up both models.
 
     python bench/train.py --compile  (or: make bench)
     python bench/train.py --device cuda --dtype bfloat16 --layers 12 --width 768 --heads 12 \\
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from statistics import median
@@ -30,7 +36,9 @@ from rich.table import Table
 
 import lm.linear
 from lm.config import ModelConfig
+from lm.device import cpu_name
 from lm.model import GPT
+from lm.train import flops_per_token
 
 
 def hf_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -77,16 +85,43 @@ def make_step(model: torch.nn.Module, args: argparse.Namespace, is_hf: bool, com
     return step
 
 
-def with_default_matmul(step: Callable[[], float]) -> Callable[[], float]:
-    """The step with lm's linear layers left to PyTorch's default kernels (what lm.linear replaces)."""
+def with_kernel(step: Callable[[], float], kernel: str) -> Callable[[], float]:
+    """The step with lm's CPU linear layers forced to one kernel ('onednn' or 'default')."""
     def run() -> float:
-        chosen = lm.linear.onednn_available
-        lm.linear.onednn_available = lambda: False
+        os.environ[lm.linear.KERNEL_ENV] = kernel
         try:
             return step()
         finally:
-            lm.linear.onednn_available = chosen
+            os.environ[lm.linear.KERNEL_ENV] = "auto"
     return run
+
+
+def matmul_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of a float32 size x size matrix product by each CPU kernel (best of `repeats`)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    products = {"default": lambda: torch.mm(a, b)}
+    if lm.linear.onednn_available():
+        weight = b.t().contiguous()  # oneDNN's linear computes a @ weightᵀ
+        products["onednn"] = lambda: lm.linear._onednn(a, weight)
+    rates = {}
+    for name, product in products.items():
+        product()
+        best = min(timed_block(product, 1, "cpu") for _ in range(repeats))
+        rates[name] = 2 * size**3 / best
+    return rates
+
+
+def describe_choice(chosen: dict[str, str]) -> str:
+    """'oneDNN for 3 of 5 layer shapes (train 1024x128x384, ...)' from lm.linear.chosen_kernels()."""
+    training = {key: kernel for key, kernel in chosen.items() if key.startswith("train")}
+    if not training:
+        return "no CPU linear layer was run"
+    onednn = sorted(key.removeprefix("train ") for key, kernel in training.items() if kernel == "onednn")
+    default = sorted(key.removeprefix("train ") for key, kernel in training.items() if kernel == "default")
+    parts = [f"oneDNN for {', '.join(onednn)}" if onednn else "",
+             f"PyTorch's default for {', '.join(default)}" if default else ""]
+    return "; ".join(part for part in parts if part) + " (rows x inputs x outputs)"
 
 
 def timed_block(step: Callable[[], float], steps: int, device: str) -> float:
@@ -115,39 +150,70 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
     args = parser.parse_args()
 
+    on_cpu = args.device == "cpu"
+    if on_cpu:  # measure the kernel choice afresh, not whatever an earlier run stored
+        os.environ["LM_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-bench-cache-")
+        os.environ[lm.linear.KERNEL_ENV] = "auto"
     torch.manual_seed(0)
     steps = {"lm": make_step(lm_model(args), args, is_hf=False, compile=False),
              "transformers GPT2LMHeadModel": make_step(hf_model(args), args, is_hf=True, compile=False)}
-    if args.device == "cpu" and lm.linear.onednn_available():
-        steps["lm, PyTorch's default matmul"] = with_default_matmul(
-            make_step(lm_model(args), args, is_hf=False, compile=False))
+    if on_cpu and lm.linear.onednn_available():
+        steps["lm, oneDNN forced"] = with_kernel(make_step(lm_model(args), args, is_hf=False, compile=False),
+                                                 "onednn")
+        steps["lm, PyTorch's default forced"] = with_kernel(
+            make_step(lm_model(args), args, is_hf=False, compile=False), "default")
     if args.compile:
         steps["lm, compiled"] = make_step(lm_model(args), args, is_hf=False, compile=True)
         steps["transformers, compiled"] = make_step(hf_model(args), args, is_hf=True, compile=True)
-    for step in steps.values():  # warm up: allocator, kernels, compilation
+    for step in steps.values():  # warm up: allocator, kernels, compilation (and lm's kernel probe)
         for _ in range(3):
             step()
     seconds: dict[str, list[float]] = {name: [] for name in steps}
+    rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, step in steps.items():
             seconds[name].append(timed_block(step, args.steps, args.device))
+        if on_cpu:
+            for kernel, rate in matmul_rates().items():
+                rates.setdefault(kernel, []).append(rate)
 
     tokens = args.steps * args.batch * args.context
+    where = f"{args.device} ({cpu_name()}, {torch.get_num_threads()} threads)" if on_cpu else args.device
     table = Table(title=f"Training step, {args.layers} layers x {args.width}, vocab {args.vocab}, batch "
-                        f"{args.batch} x {args.context}, {args.dtype} on {args.device}"
+                        f"{args.batch} x {args.context}, {args.dtype} on {where}"
                         f"; median of {args.rounds} alternating blocks "
                         f"of {args.steps} steps")
-    for column in ("model", "ms/step", "tokens/s", "vs transformers (eager)"):
+    columns = ["model", "ms/step", "tokens/s", "vs transformers (eager)"] + (["efficiency"] if on_cpu else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     baseline = median(seconds["transformers GPT2LMHeadModel"])
+    model_flops = flops_per_token(lm_model(args))
+    peak = max(median(values) for values in rates.values()) if rates else None
     for name, runs in seconds.items():
-        table.add_row(name, f"{1000 * median(runs) / args.steps:.1f}", f"{tokens / median(runs):,.0f}",
-                      f"{baseline / median(runs):.2f}x")
+        row = [name, f"{1000 * median(runs) / args.steps:.1f}", f"{tokens / median(runs):,.0f}",
+               f"{baseline / median(runs):.2f}x"]
+        if peak is not None:
+            row.append(f"{model_flops * tokens / median(runs) / peak:.0%}")
+        table.add_row(*row)
     console = Console(width=120)
     console.print(table)
+    if on_cpu:
+        console.print(f"lm's kernel choice: {describe_choice(lm.linear.chosen_kernels())}")
+        measured = ", ".join(f"{name} {median(values) / 1e9:.0f}" for name, values in rates.items())
+        console.print(f"efficiency = {model_flops / 1e6:.1f} MFLOP per token x tokens/s / {peak / 1e9:.0f} GFLOP/s, "
+                      f"the float32 2048 x 2048 product's best rate here (GFLOP/s: {measured})")
     ratio = baseline / median(seconds["lm"])
     verdict = {True: "[green]met[/]", False: "[red]missed[/]"}
     console.print(f"lm / transformers, both eager: {ratio:.2f}x (target >= 1.2x: {verdict[ratio >= 1.2]})")
+    forced = [name for name in seconds if name.endswith("forced")]
+    if forced:
+        better = min(median(seconds[name]) for name in forced)
+        versus = better / median(seconds["lm"])
+        console.print(f"lm (measured choice) / the better forced kernel: {versus:.2f}x (target >= 1.0x, "
+                      f"within the noise: {verdict[versus >= 0.97]})")
+    if peak is not None:
+        efficiency = model_flops * tokens / median(seconds["lm"]) / peak
+        console.print(f"lm's efficiency: {efficiency:.0%} (aim >= 65%: {verdict[efficiency >= 0.65]})")
     if args.compile:
         best = baseline / median(seconds["lm, compiled"])
         console.print(f"lm --compile / transformers eager: {best:.2f}x (target >= 1.2x: {verdict[best >= 1.2]})")

@@ -22,6 +22,7 @@ PEAK_FLOPS_16BIT = (
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),  # after L40S, before L4: names are matched by substring, first hit wins
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
@@ -77,10 +78,27 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def configure_matmul(device: torch.device) -> None:
-    """Let float32 matrix products use TF32 tensor cores on CUDA (about 8x faster, ~1e-3 relative error)."""
+    """Let float32 matrix products use TF32 tensor cores on CUDA (about 8x faster, ~1e-3 relative error).
+
+    Through `torch.set_float32_matmul_precision`, the documented switch in every torch we support:
+    since torch 2.9 the older `torch.backends.cuda.matmul.allow_tf32` flag warns that it is deprecated,
+    and mixing it with the newer per-backend `fp32_precision` flags can make torch.compile fail.
+    cuDNN's own TF32 flag is on by default and only concerns convolutions, which a GPT has none of.
+    """
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Platinum 8488C"), or the machine type where it is unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def keep_freed_memory() -> bool:

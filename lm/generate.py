@@ -74,6 +74,11 @@ class CompiledDecoder:
         param = next(model.parameters())
         self.model = model
         self.cache = KVCache(model.config, batch_size, param.device, param.dtype, static=True)
+        # The step writes into the cache's buffers. CUDA graphs replay fixed addresses and skip (fall
+        # back to plain compiled code) a step that mutates an input they were not told is fixed:
+        # these buffers are allocated once, so say so (what transformers' static cache does too).
+        torch._dynamo.mark_static_address(self.cache.keys)
+        torch._dynamo.mark_static_address(self.cache.values)
         mode = "reduce-overhead" if param.device.type == "cuda" else None
         # compile=False runs the same static-shape step eagerly (for checking it, or where compiling fails).
         self._compiled = (torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False) if compile
@@ -88,7 +93,9 @@ class CompiledDecoder:
 
     def step(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         self.cache.positions = torch.tensor([position], device=ids.device)
-        return self._compiled(ids)
+        # A CUDA graph's output lives in memory the next replay overwrites (torch raises if it is read
+        # after that): the copy lets callers keep each step's logits. One vocabulary-sized row.
+        return self._compiled(ids).clone()
 
 
 def window_keep(context_length: int) -> int:

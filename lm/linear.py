@@ -1,21 +1,47 @@
-"""Linear layers on x86 CPUs through oneDNN's matrix multiply, in float32 as before.
+"""Linear layers on x86 CPUs through whichever float32 matrix-product kernel is faster on this machine.
 
-PyTorch computes `nn.Linear` on a CPU with MKL's sgemm. On the AMD EPYC machines we develop on, MKL
-runs about half as fast as oneDNN (also bundled with PyTorch) on the same float32 inputs: a 1024² matrix
-product reaches 175 GFLOP/s with MKL and 370 with oneDNN, and the 768 x 128 x 8192 output head of the
-`tiny` preset takes 10.7 ms against 4.2. `linear(layer, x)` sends the forward product and both
-backward products (input and weight gradients) to oneDNN when that helps and falls back to the
-layer itself everywhere else: GPUs, autocast, torch.compile (which picks its own kernels),
-quantized layers, and weights kept in the transposed decoding layout.
+PyTorch computes `nn.Linear` on a CPU with its default BLAS (MKL's sgemm on x86 builds). oneDNN, also
+bundled with PyTorch, computes the same products. Which one is faster depends on the CPU: on an AMD
+EPYC (Zen 5) oneDNN ran a 1024² product at 370 GFLOP/s against MKL's 175, and the `tiny` preset's
+768 x 128 x 8192 output head in 4.2 ms against 10.7; on an Intel Xeon MKL was the faster one. So the
+choice is measured, not assumed: the first time a layer shape is met (per machine, torch version and
+thread count), `linear` times both kernels on that shape, forward and, when training, both backward
+products, and keeps the faster. The answers are stored in the cache folder (`cpu-matmul.json`, see
+lm/cache.py), so the probe (well under a second for a whole model) runs once per machine.
+
+`LM_CPU_MATMUL` overrides the choice: `onednn` or `default` (PyTorch's own kernel) everywhere, `auto`
+(the default) measures. The layer itself (PyTorch's default) is used everywhere oneDNN does not apply:
+GPUs, autocast, torch.compile (which picks its own kernels), quantized layers, and weights kept in the
+transposed decoding layout.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import platform
+import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lm.atomic import atomic_write_text
+from lm.cache import cache_dir
+from lm.device import cpu_name
+from lm.errors import UsageError
+
+KERNEL_ENV = "LM_CPU_MATMUL"
+KERNELS = ("onednn", "default")
+CACHE_FILE = "cpu-matmul.json"
+# A probe times products of at most this many FLOPs (rows are cut to fit): big enough to show each
+# kernel's steady rate, small enough that probing the 8192-wide output head takes milliseconds.
+PROBE_FLOPS = 2**29
+
+_decisions: dict[str, str] = {}  # this process: shape key -> kernel
+_stored: dict[str, str] | None = None  # the cache file's decisions for this machine, once read
 
 
 @functools.cache
@@ -67,7 +93,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, by oneDNN for a float32 `nn.Linear` on an x86 CPU (the same values to rounding)."""
+    """`layer(x)`, by the faster kernel for a float32 `nn.Linear` on an x86 CPU (the same values to rounding)."""
     if not _use_onednn(layer, x):
         return layer(x)
     assert isinstance(layer, nn.Linear)
@@ -86,5 +112,118 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return onednn_available()
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    rows = x.numel() // max(1, x.size(-1))
+    return kernel_for(rows, layer.in_features, layer.out_features, training) == "onednn"
 
+
+def requested_kernel() -> str:
+    """What $LM_CPU_MATMUL asks for: 'auto' (measure; the default), 'onednn' or 'default'."""
+    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", *KERNELS):
+        raise UsageError(f"{KERNEL_ENV}={value!r} is not one of auto, onednn, default; unset it or pick one")
+    return value
+
+
+def kernel_for(rows: int, in_features: int, out_features: int, training: bool) -> str:
+    """'onednn' or 'default': the kernel for a float32 CPU linear layer of this shape on this machine."""
+    requested = requested_kernel()
+    if not onednn_available():
+        return "default"
+    if requested != "auto":
+        return requested
+    key = shape_key(rows, in_features, out_features, training)
+    if key not in _decisions:
+        stored = _machine_decisions()
+        if key not in stored:
+            stored[key] = probe(rows, in_features, out_features, training)
+            _save_decision(key, stored[key])
+        _decisions[key] = stored[key]
+    return _decisions[key]
+
+
+def chosen_kernels() -> dict[str, str]:
+    """The kernel each layer shape used in this process so far ('train 1024x128x8192' -> 'onednn')."""
+    return dict(_decisions)
+
+
+def shape_key(rows: int, in_features: int, out_features: int, training: bool) -> str:
+    # Rows (tokens in the batch) vary from call to call: one decision per power of two of them.
+    bucket = 1 << max(0, rows - 1).bit_length()
+    return f"{'train' if training else 'infer'} {bucket}x{in_features}x{out_features}"
+
+
+def machine_key() -> str:
+    """What a measured choice depends on besides the shape: the CPU, the torch build, the threads."""
+    return f"{cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+
+
+def probe(rows: int, in_features: int, out_features: int, training: bool, rounds: int = 3) -> str:
+    """Time both kernels on one layer shape (forward, plus both backward products when training)."""
+    rows = max(1, min(rows, max(64, PROBE_FLOPS // (2 * in_features * out_features))))
+    generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    bias = torch.zeros(out_features)
+    upstream = torch.randn(rows, out_features, generator=generator)
+    runs: dict[str, Callable[[], object]]
+    if training:
+        for tensor in (x, weight, bias):
+            tensor.requires_grad_(True)
+
+        def step(product: Callable[..., torch.Tensor]) -> Callable[[], object]:
+            def run() -> None:
+                x.grad = weight.grad = bias.grad = None
+                product(x, weight, bias).backward(upstream)
+            return run
+
+        runs = {"onednn": step(_OneDNNLinear.apply), "default": step(F.linear)}
+    else:
+        runs = {"onednn": lambda: _onednn(x, weight, bias), "default": lambda: F.linear(x, weight, bias)}
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.inference_mode(False), torch.enable_grad() if training else torch.no_grad():
+        for run in runs.values():  # warm up: first-call allocations and kernel set-up
+            run()
+        for _ in range(rounds):  # alternate, so a machine that drifts in speed hits both alike
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - started)
+    return min(best, key=best.__getitem__)
+
+
+def _machine_decisions() -> dict[str, str]:
+    global _stored
+    if _stored is None:
+        _stored = dict(_read_cache().get(machine_key(), {}))
+    return _stored
+
+
+def _read_cache() -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_decision(key: str, kernel: str) -> None:
+    """Add one decision to the cache file (re-read first: other processes may have added theirs)."""
+    data = _read_cache()
+    machine = data.setdefault(machine_key(), {})
+    if not isinstance(machine, dict):
+        machine = data[machine_key()] = {}
+    machine[key] = kernel
+    path = cache_dir() / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only cache folder: the choice holds for this process and is measured again next time
+
+
+def forget_decisions() -> None:
+    """Drop what this process knows (the cache file stays): the next layer call decides again."""
+    global _stored
+    _decisions.clear()
+    _stored = None

@@ -93,11 +93,15 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' keys and values; return the keys and values attention should read."""
-        keys, values = self._per_layer[layer]
         if self.static:
+            # Index the whole buffers here rather than keep per-layer views: under torch.compile the
+            # two buffers are then the only (static-address) inputs the step writes to, which CUDA
+            # graphs require, instead of one aliasing view per layer.
+            keys, values = self.keys[layer], self.values[layer]
             keys[:, :, self.positions] = k
             values[:, :, self.positions] = v
             return keys, values
+        keys, values = self._per_layer[layer]
         end = self.length + k.size(2)
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v

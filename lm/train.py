@@ -302,8 +302,9 @@ class Trainer:
         for micro in range(self.config.grad_accum):
             inputs, targets = self._batch()
             last = micro == self.config.grad_accum - 1
-            with self.autocast(), self._gradient_sync(last):
-                _, loss = self.forward(inputs, targets)
+            with self._gradient_sync(last):
+                with self.autocast():  # the forward only: the AMP docs advise against backward under autocast
+                    _, loss = self.forward(inputs, targets)
                 loss = loss / self.config.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()

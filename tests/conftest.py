@@ -1,4 +1,8 @@
-"""Shared fixtures: a small tokenizer trained once, and a runner for the real `lm` executable."""
+"""Shared fixtures: a small tokenizer trained once, and a runner for the real `lm` executable.
+
+Tests marked `cuda` (tests/test_cuda.py) need a CUDA GPU and are skipped without one; `make gpu-check`
+runs them where there is one.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,43 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
 
 # Tests fork `lm` subprocesses; tokenizers' thread pool must not be live across a fork.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Token caches and downloads go to a folder of this test session, never to the user's ~/.cache.
 os.environ["LM_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-test-cache-")
+# One CPU matrix kernel for the whole suite, whichever this machine would measure as faster
+# (tests/test_linear.py checks the measuring itself).
+os.environ.setdefault("LM_CPU_MATMUL", "onednn")
 
-settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("dev", deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+try:  # the GPU machines that run `make gpu-check` have pytest but not hypothesis
+    from hypothesis import settings
+except ImportError:  # pragma: no cover
+    settings = None
+else:
+    settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+    settings.register_profile("dev", deadline=None)
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample.txt"
 LM = Path(sys.executable).parent / "lm"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; `make gpu-check` runs them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch  # only when a CUDA test was collected: `lm --help` style tests stay light
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in marked:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,11 @@
-"""lm.linear: oneDNN's products give nn.Linear's values and gradients, and only where they should run."""
+"""lm.linear: oneDNN's products give nn.Linear's values and gradients, only where they should run, and
+the faster of the two kernels is measured once per machine and layer shape (or forced by LM_CPU_MATMUL).
+
+The suite runs with LM_CPU_MATMUL=onednn (tests/conftest.py), so no test depends on which kernel wins here."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,7 +14,8 @@ from torch import nn
 
 import lm.linear
 from lm.config import ModelConfig
-from lm.linear import _use_onednn, linear, onednn_available
+from lm.errors import UsageError
+from lm.linear import _use_onednn, chosen_kernels, forget_decisions, kernel_for, linear, onednn_available
 from lm.model import GPT
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="oneDNN's linear op is used on x86-64 CPUs only")
@@ -84,7 +90,7 @@ def test_training_steps_with_and_without_onednn_agree(monkeypatch: pytest.Monkey
         return trajectory
 
     with_onednn = losses()
-    monkeypatch.setattr(lm.linear, "onednn_available", lambda: False)
+    monkeypatch.setenv("LM_CPU_MATMUL", "default")
     without = losses()
     assert with_onednn[-1] < with_onednn[0]
     assert with_onednn == pytest.approx(without, abs=1e-5)
@@ -95,3 +101,82 @@ def test_the_availability_probe_leaves_the_random_state_alone() -> None:
     state = torch.random.get_rng_state()
     onednn_available()
     assert torch.equal(torch.random.get_rng_state(), state)  # seeded runs stay the same whenever it first runs
+
+
+@pytest.fixture
+def measuring(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """LM_CPU_MATMUL=auto, with an empty cache folder and nothing decided yet in this process."""
+    monkeypatch.setenv("LM_CPU_MATMUL", "auto")
+    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+    forget_decisions()
+    yield
+    forget_decisions()
+
+
+@needs_onednn
+def test_the_variable_forces_a_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, x = nn.Linear(16, 8), torch.randn(4, 16)
+    monkeypatch.setenv("LM_CPU_MATMUL", "default")
+    assert not _use_onednn(layer, x)
+    monkeypatch.setenv("LM_CPU_MATMUL", "oneDNN")
+    assert _use_onednn(layer, x)
+    monkeypatch.setenv("LM_CPU_MATMUL", "mkl")
+    with pytest.raises(UsageError, match="LM_CPU_MATMUL='mkl' is not one of auto, onednn, default"):
+        linear(layer, x)
+
+
+@needs_onednn
+def test_each_shape_is_measured_once_per_machine_and_remembered(measuring, monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path) -> None:
+    probed: list[tuple[int, int, int, bool]] = []
+    real_probe = lm.linear.probe
+
+    def counting_probe(*args):
+        probed.append(args)
+        return real_probe(*args)
+
+    monkeypatch.setattr(lm.linear, "probe", counting_probe)
+    layer = nn.Linear(32, 96)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    for _ in range(3):
+        linear(layer, x).sum().backward()
+    with torch.no_grad():
+        linear(layer, x)
+    assert probed == [(48, 32, 96, True), (48, 32, 96, False)]  # training and inference, once each
+    assert set(chosen_kernels()) == {"train 64x32x96", "infer 64x32x96"}
+    assert set(chosen_kernels().values()) <= {"onednn", "default"}
+
+    # A new process on the same machine reads the answers instead of measuring again...
+    forget_decisions()
+    monkeypatch.setattr(lm.linear, "probe", lambda *args: pytest.fail("measured again"))
+    assert kernel_for(40, 32, 96, True) == chosen_kernels()["train 64x32x96"]
+    stored = json.loads((tmp_path / "cpu-matmul.json").read_text())
+    assert list(stored) == [lm.linear.machine_key()]
+    # ...and another machine (or torch version) measures for itself.
+    forget_decisions()
+    monkeypatch.setattr(lm.linear, "machine_key", lambda: "another CPU; torch 9.9; 2 threads")
+    monkeypatch.setattr(lm.linear, "probe", lambda *args: "default")
+    assert kernel_for(40, 32, 96, True) == "default"
+    assert len(json.loads((tmp_path / "cpu-matmul.json").read_text())) == 2
+
+
+@needs_onednn
+def test_the_probe_is_cheap_even_for_a_wide_output_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[tuple[int, ...]] = []
+    real_randn = torch.randn
+
+    def recording_randn(*size, **kwargs):
+        shapes.append(tuple(size))
+        return real_randn(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    assert lm.linear.probe(4096, 256, 8192, training=True) in ("onednn", "default")
+    assert shapes[0] == (128, 256)  # 4096 rows cut to the FLOP budget: 2 x 128 x 256 x 8192 = 2^29
+
+
+def test_a_broken_cache_file_is_measured_again(measuring, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    (tmp_path / "cpu-matmul.json").write_text("{not json")
+    monkeypatch.setattr(lm.linear, "onednn_available", lambda: True)
+    monkeypatch.setattr(lm.linear, "probe", lambda *args: "onednn")
+    assert kernel_for(10, 8, 8, False) == "onednn"
+    assert json.loads((tmp_path / "cpu-matmul.json").read_text())[lm.linear.machine_key()] == {"infer 16x8x8": "onednn"}
