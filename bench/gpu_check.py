@@ -317,7 +317,8 @@ def train_speed(args: argparse.Namespace, impl: str) -> dict[str, Any]:
     from lm.config import preset
     from lm.device import configure_matmul, peak_flops
     from lm.model import GPT
-    from lm.train import flops_per_token, make_optimizer
+    from lm.optim import make_optimizers
+    from lm.train import flops_per_token
 
     device = torch.device(args.device)
     configure_matmul(device)
@@ -327,7 +328,7 @@ def train_speed(args: argparse.Namespace, impl: str) -> dict[str, Any]:
     model = (GPT(config) if impl == "lm" else hf_gpt2(config)).to(device).train()
     flops = flops_per_token(GPT(config))  # the same shape: the same FLOPs per token
     if impl == "lm":
-        optimizer = make_optimizer(model, preset("gpt2").train, device)
+        (optimizer,) = make_optimizers(model, preset("gpt2").train, device)  # AdamW, as the preset trains
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                       fused=device.type == "cuda")

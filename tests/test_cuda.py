@@ -111,7 +111,7 @@ def test_fp16_with_the_gradient_scaler_learns_and_skips_overflow_steps(sample_to
         trainer._train_step(1e-3)
         trainer.step += 1
     weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizers[0].state.items()}
     scale = trainer.scaler.get_scale()
 
     overflow = trainer.model.blocks[0].mlp.fc.weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
@@ -122,7 +122,7 @@ def test_fp16_with_the_gradient_scaler_learns_and_skips_overflow_steps(sample_to
     assert trainer.scaler.get_scale() == scale * 0.5
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), weights[name]), f"{name} changed on an overflowing step"
-    for param, param_state in trainer.optimizer.state.items():
+    for param, param_state in trainer.optimizers[0].state.items():
         for key, value in param_state.items():
             assert torch.equal(value, state[id(param)][key]), f"optimizer {key} changed on an overflowing step"
 
@@ -241,7 +241,7 @@ def test_compiled_decoding_with_cuda_graphs_gives_the_eager_greedy_text(dtype: t
 
 def optimizer_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
     names = {id(p): name for name, p in trainer.model.named_parameters()}
-    return {names[id(p)]: {k: v.detach().cpu() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
+    return {names[id(p)]: {k: v.detach().cpu() for k, v in s.items()} for p, s in trainer.optimizers[0].state.items()}
 
 
 def assert_same_state(a: Trainer, b: Trainer) -> None:
@@ -276,7 +276,7 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(sample_toke
     assert on_cpu.run(should_stop=lambda: on_cpu.step == 20).status == "interrupted"
     back = trainer(run, DEVICE, resume=True)
     assert back.step == 20 and next(back.model.parameters()).device.type == DEVICE
-    assert all(s["step"].device.type == DEVICE for s in back.optimizer.state.values())  # fused AdamW wants it there
+    assert all(s["step"].device.type == DEVICE for s in back.optimizers[0].state.values())  # fused AdamW wants it there
     assert_same_state(on_cpu, back)
     assert back.run().status == "finished"
 
