@@ -171,8 +171,10 @@ def test_the_page_in_a_browser(browser: Browser, page: Path) -> None:
     browser.click(f".panel.text-a .queries .tok[data-pos='{position}']")
     browser.move_away()  # the click pins the token, so it stays isolated once the pointer leaves
     after = lines(browser)
-    nonzero = browser.evaluate(f"lmPage.rows(lmPage.data, 1, 'mean')[{position}].filter(w => w > 0).length")
-    assert after == {"lines": nonzero, "queries": str(position), "focus": f"q{position}"}
+    visible = browser.evaluate(f"lmPage.rows(lmPage.data, 1, 'mean')[{position}]"
+                               ".filter(w => w >= lmPage.MIN_LINE).length")
+    assert after == {"lines": visible, "queries": str(position), "focus": f"q{position}"}
+    assert before["lines"] > 5 * after["lines"] > 0
     # The same word in the other text is focused too (' light' is in both).
     other = browser.evaluate("lmPage.data.compare.tokens.findIndex(t => t.text === '·light')")
     assert lines(browser, 1)["focus"] == f"q{other}"
@@ -208,7 +210,7 @@ def test_screenshots(browser: Browser, page: Path, tmp_path: Path) -> None:
         browser.click(f"nav button[data-view='{view}']")
         browser.move_away()
         browser.evaluate("window.scrollTo(0, 0)")
-        browser.screenshot(folder / f"{view}-view.png")
+        browser.screenshot(folder / f"{view}-view.png", selector="body")  # the page, without empty viewport
         data = (folder / f"{view}-view.png").read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     assert browser.errors() == []

@@ -8,6 +8,8 @@ const ROW = 18; // pixels per token in the head view
 const LINES_WIDTH = 200; // pixels between the two columns of the head view
 const CELL = 72; // pixels of a heat map in the model view
 const LOW = [22, 24, 48], HIGH = [255, 176, 0]; // the terminal's heat colours: no attention .. all of it
+const MASKED = [24, 27, 46]; // the causal mask's blank triangle in the model view
+const MIN_LINE = 0.005; // lines for smaller weights would be invisible: not drawn
 const TEXT_NAMES = ["A", "B"];
 const TEXT_COLOURS = ["#4fc3f7", "#ff8a65"];
 const ROLES = {
@@ -185,7 +187,7 @@ function headPanel(text, ti) {
       if (f && f.side === "q" && f.pos !== q) continue;
       for (let k = 0; k <= q; k++) {
         const w = weights[q][k];
-        if (w <= 0 || (f && f.side === "k" && f.pos !== k)) continue;
+        if (w < MIN_LINE || (f && f.side === "k" && f.pos !== k)) continue;
         context.strokeStyle = heat(1, Math.min(1, w * (f ? 1 : 0.8)));
         context.beginPath();
         context.moveTo(0, q * ROW + ROW / 2);
@@ -249,11 +251,12 @@ function heatMap(weights, n) {
   source.width = source.height = n;
   const context = source.getContext("2d");
   const image = context.createImageData(n, n);
+  const pixels = image.data;
   for (let q = 0; q < n; q++) {
     for (let k = 0; k < n; k++) {
-      const w = k <= q ? weights[q][k] : 0;
-      const rgb = k <= q ? LOW.map((lo, i) => Math.round(lo + (HIGH[i] - lo) * w)) : [24, 27, 46];
-      image.data.set([...rgb, 255], 4 * (q * n + k));
+      const at = 4 * (q * n + k), w = k <= q ? weights[q][k] : 0;
+      for (let i = 0; i < 3; i++) pixels[at + i] = k <= q ? LOW[i] + (HIGH[i] - LOW[i]) * w : MASKED[i];
+      pixels[at + 3] = 255;
     }
   }
   context.putImageData(image, 0, 0);
@@ -380,5 +383,5 @@ async function main() {
   }
 }
 
-window.lmPage = { state, render, rows, get data() { return data; } }; // for tests, and the curious
+window.lmPage = { state, render, rows, MIN_LINE, get data() { return data; } }; // for tests, and the curious
 main();
