@@ -188,7 +188,8 @@ function headPanel(text, ti) {
       for (let k = 0; k <= q; k++) {
         const w = weights[q][k];
         if (w < MIN_LINE || (f && f.side === "k" && f.pos !== k)) continue;
-        context.strokeStyle = heat(1, Math.min(1, w * (f ? 1 : 0.8)));
+        // One token's lines are few: a square root lets its small weights show; all lines: as they are.
+        context.strokeStyle = heat(1, f ? Math.sqrt(w) : 0.8 * w);
         context.beginPath();
         context.moveTo(0, q * ROW + ROW / 2);
         context.lineTo(LINES_WIDTH, k * ROW + ROW / 2);
