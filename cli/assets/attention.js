@@ -279,6 +279,10 @@ function gravityView(main) {
   texts.forEach((text, ti) => text.tokens.forEach((token, pos) => {
     if (map.before[ti][pos]) points.push({ ti, pos, token, before: map.before[ti][pos], after: map.after[ti][pos] });
   }));
+  if (!points.length) {
+    main.append(el("p", { class: "note", text: "No ordinary tokens to place: the text is only special tokens." }));
+    return;
+  }
   const xs = points.flatMap((p) => [p.before[0], p.after[0]]), ys = points.flatMap((p) => [p.before[1], p.after[1]]);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   const scale = Math.min((W - 2 * M) / Math.max(x1 - x0, 1e-9), (H - 2 * M) / Math.max(y1 - y0, 1e-9)); // one scale: distances stay true
