@@ -49,6 +49,8 @@ demo: $(VENV)/.installed-dev
 	$(LM) generate $(RUN) --prompt "ROMEO:" --max-new-tokens 300 --seed 1 --stats
 	$(LM) inspect-attention $(RUN) --top 3 \
 		--text "$$($(LM) generate $(RUN) --prompt 'JULIET:' --max-new-tokens 12 --temperature 0.6 --seed 2)"
+	$(LM) inspect-attention $(RUN) --text "But soft, what light through yonder window breaks? It is the east, and Juliet is the sun." \
+		--compare "The sun is down, and the light of the east is gone." --save $(RUN)/attention.html
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""`lm info`: what a run directory holds: its configuration, size, checkpoint and metrics."""
+"""`lm info`: what a run directory holds (configuration, size, checkpoint, metrics) and its learning curves."""
 
 from __future__ import annotations
 
@@ -8,14 +8,104 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.table import Table
+
+    from cli.plot import Chart
+    from lm.rundir import LearningCurves
 
 
 def command(
-    run_dir: Annotated[Path, typer.Argument(
-        metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR...", show_default=False, help="One or more run directories written by `lm train`.")],
+    plot: Annotated[bool, typer.Option(
+        "--plot", help="Draw validation bits per byte and training loss against time and tokens seen, every run "
+                       "overlaid.")] = False,
+    save: Annotated[Path | None, typer.Option(
+        "--save", metavar="FILE.svg", show_default=False, help="Write the same charts to FILE.svg.")] = None,
 ) -> None:
-    """Show a run's configuration, parameter count, checkpoint and metrics."""
+    """Show a run's configuration, parameter count, checkpoint and metrics, or plot its learning curves.
+
+    Reads metrics.jsonl as it stands, so it works on a run that is still training.
+    """
+    from cli.render import stdout
+    from lm import rundir
+    from lm.errors import UsageError
+
+    if save is not None and save.suffix.lower() != ".svg":
+        raise UsageError(f"--save {save} must end in .svg")
+    names = _names(run_dirs)
+    curves = [rundir.learning_curves(path, name) for path, name in zip(run_dirs, names, strict=True)]
+    if save is not None:
+        from cli.plot import svg_charts
+        from lm.atomic import atomic_write_text, prepare_output
+
+        prepare_output(save, overwrite=True, what="--save")
+        atomic_write_text(save, svg_charts(_charts(curves), names))
+    if plot:
+        _draw(curves, stdout().width)
+    elif save is None:
+        for index, path in enumerate(run_dirs):
+            if index:
+                stdout().rule()
+            _facts(path)
+    if save is not None:
+        from cli.render import stderr
+
+        stderr().print(f"wrote {save}", soft_wrap=True)
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Each run's folder name, or the path as given where two folders share a name."""
+    short = [path.name or str(path) for path in paths]
+    return [name if short.count(name) == 1 else str(path) for name, path in zip(short, paths, strict=True)]
+
+
+def _charts(curves: list[LearningCurves]) -> list[Chart]:
+    from cli.plot import Chart, Series, count, duration
+
+    def chart(title: str, x_label: str, x: str, y: str, x_format: Callable[[float], str]) -> Chart:
+        return Chart(title, x_label, [Series(c.name, getattr(c, x), getattr(c, y)) for c in curves], x_format)
+
+    return [chart("validation bits per byte", "wall-clock time", "val_time_s", "val_bpb", duration),
+            chart("validation bits per byte", "tokens seen", "val_tokens", "val_bpb", count),
+            chart("training loss (nats per token)", "wall-clock time", "time_s", "loss", duration),
+            chart("training loss (nats per token)", "tokens seen", "tokens", "loss", count)]
+
+
+def _draw(curves: list[LearningCurves], width: int) -> None:
+    """The charts two abreast when the terminal is wide enough, else one under another."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from cli.plot import braille_chart, legend
+    from cli.render import stdout
+
+    charts = [chart for chart in _charts(curves) if not chart.empty]
+    if not charts:
+        stdout().print("nothing logged yet: metrics.jsonl has no training steps")
+        return
+    missing = [c.name for c in curves if not c.val_bpb]
+    abreast = width >= 120 and len(charts) > 1
+    chart_width = (width - 2) // 2 if abreast else width
+    drawn = [braille_chart(chart, chart_width, height=12 if abreast else 10) for chart in charts]
+    if abreast:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True)
+        for left in range(0, len(drawn), 2):
+            grid.add_row(drawn[left], drawn[left + 1] if left + 1 < len(drawn) else Text())
+        stdout().print(grid)
+    else:
+        for item in drawn:
+            stdout().print(item, no_wrap=True, overflow="crop")
+    stdout().print(legend([c.name for c in curves]))
+    if missing:
+        stdout().print(f"not evaluated yet: {', '.join(missing)}", style="dim")
+
+
+def _facts(run_dir: Path) -> None:
     from rich.columns import Columns
     from rich.table import Table
 

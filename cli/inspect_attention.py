@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -17,10 +16,13 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from lm.inspect import AttentionMaps, HeadStats, SharedToken
+    from lm.model import GPT
+    from lm.tokenizer import Tokenizer
 
 FORMATS = ("table", "json", "csv")
 ROW_LABEL_WIDTH = 16
 CELL_WIDTH = 4
+OUTPUT_WIDTH = 200  # columns of what --output writes to a file
 
 
 def command(
@@ -53,7 +55,8 @@ def command(
         help="Write to FILE instead of standard output.")] = None,
     save: Annotated[Path | None, typer.Option(
         "--save", metavar="FILE", show_default=False,
-        help="Also export what is drawn as FILE.svg or FILE.html (works offline).")] = None,
+        help="Also write FILE.html, an attention explorer page (head view, model view, gravity view) that "
+             "opens offline in a browser, or FILE.svg, what is drawn here.")] = None,
 ) -> None:
     """Show attention patterns: which token looks at which, per layer and head.
 
@@ -62,7 +65,7 @@ def command(
     """
     from lm import rundir
     from lm.atomic import prepare_output
-    from lm.errors import InputError, UsageError
+    from lm.errors import UsageError
 
     if output_format not in FORMATS:
         raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
@@ -88,16 +91,47 @@ def command(
         if target is not None:
             prepare_output(target, overwrite=True, what="output")
 
-    from cli.render import stdout
     from lm.checkpoint import load_run
 
     model, tokenizer, _ = load_run(run_dir)
+    page = save if save is not None and save.suffix.lower() == ".html" else None
+    if page is not None:
+        from cli.page import attention_page
+        from lm.atomic import atomic_write_text
+        from lm.inspect import inspection_data
+
+        # The page carries every layer and head (the model view shows them all); it opens on the chosen ones.
+        everything = inspection_data(model, tokenizer, text, range(info.model.n_layer), list(range(info.model.n_head)),
+                                     compare)
+        view = "model" if len(layers) > 1 or len(heads) > 1 else "head"
+        atomic_write_text(page, attention_page(everything, layer=layers[-1], head=heads[0] if len(heads) == 1 else None,
+                                               view=view))
+    _terminal_view(model, tokenizer, text, layers, heads, span, top=top, heads_summary=heads_summary, compare=compare,
+                   output_format=output_format, output=output, save=None if page is not None else save)
+    if page is not None:
+        from cli.render import human_bytes, stderr
+
+        stderr().print(f"wrote the attention explorer to {page} ({human_bytes(page.stat().st_size)}): open it in a web "
+                       f"browser, e.g. file://{page.resolve()}", soft_wrap=True)
+
+
+def _terminal_view(model: GPT, tokenizer: Tokenizer, text: str, layers: list[int], heads: list[int | None],
+                   span: tuple[int, int | None] | None, *, top: int | None, heads_summary: bool, compare: str | None,
+                   output_format: str, output: Path | None, save: Path | None) -> None:
+    """What the options ask for, drawn in the terminal (or written to `output`)."""
+    from lm.errors import InputError
+
+    if output_format == "json":
+        from lm.inspect import inspection_data, inspection_json
+
+        _write(inspection_json(inspection_data(model, tokenizer, text, layers, heads, compare)) + "\n", output)
+        return
     if heads_summary:
         from lm.inspect import heads_summary as summarise
 
         stats, maps = summarise(model, tokenizer, text)
         _notice_dropped(maps.dropped)
-        _show([_summary_table(stats, len(maps.ids))], output, save)
+        _show([_summary_table(stats, len(maps.ids), _width(output))], output, save)
         return
     if compare is not None:
         from lm.inspect import compare_attention
@@ -110,19 +144,17 @@ def command(
 
     maps = attention_maps(model, tokenizer, text, layers)
     _notice_dropped(maps.dropped)
-    if output_format != "table":
-        data = _json(maps, heads, text) if output_format == "json" else _csv(maps, heads)
-        _write(data, output)
+    if output_format == "csv":
+        _write(_csv(maps, heads), output)
         return
     if len(maps.ids) < 2:
         raise InputError("the text is a single token; attention needs at least two")
     if len(layers) > 1 or (len(heads) > 1 and heads[0] is not None):
-        _show([_grid(maps, heads)], output, save)
+        _show(_grid(maps, heads, _width(output)), output, save)
     elif top is not None:
         _show(_top_lines(maps, layers[0], heads[0], top), output, save)
     else:
-        width = stdout().width if output is None else 200
-        _show(_heat_table(maps, layers[0], heads[0], span, width), output, save)
+        _show(_heat_table(maps, layers[0], heads[0], span, _width(output)), output, save)
 
 
 # Parsing ------------------------------------------------------------------------------------------
@@ -169,6 +201,13 @@ def _span(spec: str | None) -> tuple[int, int | None] | None:
     return span
 
 
+def _width(output: Path | None) -> int:
+    """The terminal's width, or a generous one for a file."""
+    from cli.render import stdout
+
+    return stdout().width if output is None else OUTPUT_WIDTH
+
+
 def _notice_dropped(dropped: int) -> None:
     from cli.render import stderr
 
@@ -186,7 +225,7 @@ def _show(renderables: list[RenderableType], output: Path | None, save: Path | N
 
     from cli.render import stdout
 
-    console: Console = stdout() if output is None else Console(file=io.StringIO(), width=200, record=True)
+    console: Console = stdout() if output is None else Console(file=io.StringIO(), width=OUTPUT_WIDTH, record=True)
     console.record = True
     for renderable in renderables:
         console.print(renderable)
@@ -290,47 +329,98 @@ def _top_lines(maps: AttentionMaps, layer: int, head: int | None, k: int) -> lis
     return lines
 
 
-def _grid(maps: AttentionMaps, heads: list[int | None]) -> Table:
-    from rich.table import Table
+# A head's role in three lengths: the widest that fits the terminal is used.
+ROLE_NAMES = {"previous-token": ("prev", "P"), "induction": ("ind", "I"), "sink": ("sink", "S"),
+              "self": ("self", "D"), "broad": ("broad", "b"), "mixed": ("mixed", "m")}
+ROLE_LEGEND = ("P previous-token (weight on the token before), I induction, S sink (weight on the first token), "
+               "D self (on the token itself), b broad, m mixed: then the score, or for b and m the rows' entropy "
+               "in bits")
+GRID_LABEL_WIDTH = 6  # "layer" and its numbers
+
+
+def _grid(maps: AttentionMaps, heads: list[int | None], width: int) -> list[RenderableType]:
+    """What each head does, one row per layer and one column per head, in as many blocks of heads as it
+    takes to fit `width` columns, with the role names as long as the width allows."""
     from rich.text import Text
 
     from lm.inspect import head_matrix, head_stats
 
-    table = Table(title="what each head does on this text: its dominant behaviour and score (for broad and "
-                        "mixed heads, their entropy in bits)", title_justify="left")
-    table.add_column("layer", justify="right")
-    for head in heads:
-        table.add_column("mean" if head is None else f"head {head}")
+    stats: dict[int, list[HeadStats]] = {}
     for layer in sorted(maps.weights):
         if heads == [None]:
-            stats = head_stats(layer, head_matrix(maps, layer, None)[None])
+            stats[layer] = head_stats(layer, head_matrix(maps, layer, None)[None])
         else:
-            stats = [head_stats(layer, maps.weights[layer])[head] for head in heads]  # type: ignore[index]
-        table.add_row(str(layer), *(Text(_behaviour(s), style=_label_style(s.label)) for s in stats))
+            every = head_stats(layer, maps.weights[layer])
+            stats[layer] = [every[head] for head in heads]  # type: ignore[index]
+    cells = {form: [[_behaviour(s, form) for s in row] for row in stats.values()] for form in range(3)}
+    for form in range(3):  # long, medium, short
+        cell_width = max(len(cell) for row in cells[form] for cell in row)
+        per_block = max(1, (width - GRID_LABEL_WIDTH) // (cell_width + 1))
+        if per_block >= len(heads) or form == 2:
+            break
+    out: list[RenderableType] = [Text(
+        "what each head does on this text: its dominant behaviour and score (for broad and mixed heads, the "
+        "entropy of their rows in bits); rows are layers, columns heads", style="bold")]
+    for start in range(0, len(heads), per_block):
+        block = range(start, min(start + per_block, len(heads)))
+        out.append(_grid_block(stats, cells[form], heads, block, cell_width))
+    if form == 2:
+        out.append(Text(ROLE_LEGEND, style="dim"))
+    return out
+
+
+def _grid_block(stats: dict[int, list[HeadStats]], cells: list[list[str]], heads: list[int | None],
+                block: range, cell_width: int) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
+    table.add_column("layer", justify="right", width=GRID_LABEL_WIDTH - 1, no_wrap=True)
+    for index in block:
+        head = heads[index]
+        table.add_column("mean" if head is None else f"h{head}", width=cell_width, no_wrap=True)
+    for (layer, row), row_cells in zip(stats.items(), cells, strict=True):
+        table.add_row(str(layer), *(Text(row_cells[i], style=_label_style(row[i].label)) for i in block))
     return table
 
 
-def _behaviour(stats: HeadStats) -> str:
+def _behaviour(stats: HeadStats, form: int = 0) -> str:
+    """`form` 0: 'previous-token 0.62', 1: 'prev .62', 2: 'P.62' (broad and mixed: entropy in bits)."""
     score = stats.scores().get(stats.label)
-    return f"{stats.label} {score:.2f}" if score is not None else f"{stats.label} {stats.entropy:.1f}"
+    if form == 0:
+        return f"{stats.label} {score:.2f}" if score is not None else f"{stats.label} {stats.entropy:.1f}"
+    name = ROLE_NAMES[stats.label][form - 1]
+    if score is not None:
+        return f"{name}{'' if form == 2 else ' '}{_cell(score)}"
+    bits = f"{stats.entropy:.1f}" if stats.entropy < 9.95 else f"{stats.entropy:.0f}"
+    return f"{name}{'' if form == 2 else ' '}{bits}"
 
 
 def _label_style(label: str) -> str:
     return {"previous-token": "cyan", "induction": "magenta", "sink": "yellow", "self": "green"}.get(label, "")
 
 
-def _summary_table(stats: list[HeadStats], tokens: int) -> Table:
+def _summary_table(stats: list[HeadStats], tokens: int, width: int) -> Table:
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=f"every head on this text ({tokens} tokens); induction on a repeated random sequence",
-                  title_justify="left")
-    for column in ("layer", "head", "entropy (bits)", "previous", "first (sink)", "self", "induction", "label"):
-        table.add_column(column, justify="left" if column == "label" else "right")
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    narrow = width < 100  # short headers and role names, so 80 columns hold a row
+    headers = ("layer", "head", "bits" if narrow else "entropy (bits)", "prev" if narrow else "previous",
+               "first" if narrow else "first (sink)", "self", "ind" if narrow else "induction", "label")
+    for column in headers:
+        table.add_column(column, justify="left" if column == "label" else "right", no_wrap=True)
     for s in stats:
         cells = [Text("-" if value is None else f"{value:.2f}", style=_label_style(name) if name == s.label else "")
                  for name, value in s.scores().items()]
-        table.add_row(str(s.layer), str(s.head), f"{s.entropy:.2f}", *cells, Text(s.label, style=_label_style(s.label)))
+        label = ROLE_NAMES[s.label][0] if narrow else s.label
+        table.add_row(str(s.layer), str(s.head), f"{s.entropy:.2f}", *cells, Text(label, style=_label_style(s.label)))
+    if narrow:
+        table.caption = ("bits: entropy of the rows; prev: weight on the previous token; first: on the first "
+                         "(a sink); self: on itself; ind: induction score")
+        table.caption_justify = "left"
     return table
 
 
@@ -362,19 +452,6 @@ def _selected(maps: AttentionMaps, heads: list[int | None]) -> list[tuple[int, i
     from lm.inspect import head_matrix
 
     return [(layer, head, head_matrix(maps, layer, head)) for layer in sorted(maps.weights) for head in heads]
-
-
-def _json(maps: AttentionMaps, heads: list[int | None], text: str) -> str:
-    payload = {
-        "text": text,
-        "dropped_tokens": maps.dropped,
-        "tokens": [{"position": i, "id": token_id, "text": _visible(data), "bytes": data.hex()}
-                   for i, (token_id, data) in enumerate(zip(maps.ids, maps.tokens, strict=True))],
-        "attention": [{"layer": layer, "head": "mean" if head is None else head,
-                       "weights": [row[:query + 1] for query, row in enumerate(matrix.tolist())]}
-                      for layer, head, matrix in _selected(maps, heads)],
-    }
-    return json.dumps(payload, ensure_ascii=False) + "\n"
 
 
 def _csv(maps: AttentionMaps, heads: list[int | None]) -> str:

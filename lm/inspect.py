@@ -19,15 +19,17 @@ rows are spread out (entropy at least 70% of the maximum), else "mixed".
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from lm.errors import InputError, UsageError
 from lm.generate import encode_prompt
 from lm.model import GPT
-from lm.tokenizer import Tokenizer
+from lm.tokenizer import Tokenizer, visible_text
 
 LABEL_THRESHOLD = 0.4
 BROAD_ENTROPY = 0.7
@@ -42,6 +44,9 @@ class AttentionMaps:
     tokens: list[bytes]  # the bytes each position's token stands for
     weights: dict[int, torch.Tensor]  # layer -> (heads, time, time), float32
     dropped: int  # tokens cut from the front so the text fits the context
+    # layer -> the residual stream (time, d_model) at the layer's input and after its attention update
+    # (x and x + attention(norm(x))): where attention moved each token's vector
+    moves: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def encode_for_inspection(model: GPT, tokenizer: Tokenizer, text: str) -> tuple[list[int], int]:
@@ -71,9 +76,19 @@ def attention_maps(model: GPT, tokenizer: Tokenizer, text: str, layers: Iterable
     chosen = {check_layer(model, layer) for layer in layers}
     ids, dropped = encode_for_inspection(model, tokenizer, text)
     device = next(model.parameters()).device
-    trace = model.trace(torch.tensor([ids], device=device), chosen)
+    updates: dict[int, torch.Tensor] = {}
+    # The attention module returns (output, weights); its output is what the block adds to the stream.
+    hooks = [model.blocks[layer].attn.register_forward_hook(
+        lambda module, args, output, layer=layer: updates.__setitem__(layer, output[0])) for layer in chosen]
+    try:
+        trace = model.trace(torch.tensor([ids], device=device), chosen)
+    finally:
+        for hook in hooks:
+            hook.remove()
     weights = {layer: w[0].float().cpu() for layer, w in trace.attention.items()}
-    return AttentionMaps(ids, [tokenizer.token_bytes(i) for i in ids], weights, dropped)
+    moves = {layer: (trace.hidden[layer][0].float().cpu(), (trace.hidden[layer][0] + updates[layer][0]).float().cpu())
+             for layer in chosen}
+    return AttentionMaps(ids, [tokenizer.token_bytes(i) for i in ids], weights, dropped, moves)
 
 
 def head_matrix(maps: AttentionMaps, layer: int, head: int | None) -> torch.Tensor:
@@ -150,9 +165,10 @@ def label_for(stats: HeadStats) -> str:
 
 
 @torch.inference_mode()
-def induction_scores(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> dict[int, torch.Tensor]:
-    """Per layer, each head's mean weight from a token in the second copy of a repeated random sequence
-    to the token after that token's first occurrence."""
+def induction_scores(model: GPT, tokenizer: Tokenizer, seed: int = 0,
+                     layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+    """Per layer (all, or `layers`), each head's mean weight from a token in the second copy of a repeated
+    random sequence to the token after that token's first occurrence."""
     length = min(INDUCTION_LENGTH, (model.config.context_length - 1) // 2)
     if length < 2:
         raise InputError("the context is too short to measure induction (it needs 5 tokens or more)")
@@ -163,7 +179,8 @@ def induction_scores(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> dict[in
     start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
     ids = torch.tensor(start + sequence.tolist() * 2, device=next(model.parameters()).device)
     offset = len(start)
-    trace = model.trace(ids[None], set(range(model.config.n_layer)))
+    chosen = set(range(model.config.n_layer)) if layers is None else {check_layer(model, layer) for layer in layers}
+    trace = model.trace(ids[None], chosen)
     queries = torch.arange(offset + length, offset + 2 * length)  # every token of the second copy
     targets = queries - length + 1  # the token after its first occurrence
     return {layer: w[0][:, queries, targets].float().mean(dim=-1).cpu() for layer, w in trace.attention.items()}
@@ -224,6 +241,112 @@ def _by_token_distance(maps_a: AttentionMaps, row_a: torch.Tensor, maps_b: Atten
 
     a, b = pooled(maps_a, row_a), pooled(maps_b, row_b)
     return 0.5 * sum(abs(a.get(t, 0.0) - b.get(t, 0.0)) for t in a.keys() | b.keys())
+
+
+# The gravity view and the data of the page --------------------------------------------------------
+
+
+@dataclass
+class GravityMap:
+    """Token vectors at one layer's input and after its attention update, in two dimensions.
+
+    The plane is the one the vectors vary most in: the first two principal components of all of them
+    (every text, before and after, together), so the maps of several texts share their axes and a
+    token's arrow shows where attention pulled its vector. Positions holding a special token (the
+    <|endoftext|> a text is read after) are left out (None): that vector sits far from the others and
+    would squash the map.
+    """
+
+    layer: int
+    variance: tuple[float, float]  # the share of the vectors' variance along each axis
+    before: list[list[tuple[float, float] | None]]  # per text, per position
+    after: list[list[tuple[float, float] | None]]
+
+
+def gravity_map(texts: list[AttentionMaps], layer: int, skipped_ids: set[int]) -> GravityMap:
+    """The `GravityMap` of `layer` (whose moves `attention_maps` recorded) for one or more texts."""
+    kept = [[p for p, token_id in enumerate(m.ids) if token_id not in skipped_ids] for m in texts]
+    before = [m.moves[layer][0][positions] for m, positions in zip(texts, kept, strict=True)]
+    after = [m.moves[layer][1][positions] for m, positions in zip(texts, kept, strict=True)]
+    points = torch.cat(before + after)
+    if len(points) == 0:
+        return GravityMap(layer, (0.0, 0.0), [[None] * len(m.ids) for m in texts], [[None] * len(m.ids) for m in texts])
+    center = points.mean(dim=0)
+    _, singular, axes = torch.linalg.svd(points - center, full_matrices=False)
+    axes = torch.cat([axes[:2], torch.zeros(max(0, 2 - len(axes)), points.size(1))])  # one point: a 0-D plane
+    # An axis's sign is arbitrary; fix it (largest loading positive) so the same model draws the same map.
+    largest = axes.gather(1, axes.abs().argmax(dim=1, keepdim=True))
+    axes = axes * torch.where(largest < 0, -1.0, 1.0)
+    variance = singular.square()
+    share = [*(variance[:2] / variance.sum().clamp_min(1e-30)).tolist(), 0.0, 0.0]
+
+    def placed(vectors: list[torch.Tensor]) -> list[list[tuple[float, float] | None]]:
+        result = []
+        for m, positions, chunk in zip(texts, kept, vectors, strict=True):
+            row: list[tuple[float, float] | None] = [None] * len(m.ids)
+            for position, (x, y) in zip(positions, ((chunk - center) @ axes.T).tolist(), strict=True):
+                row[position] = (round(x, 4), round(y, 4))
+            result.append(row)
+        return result
+
+    return GravityMap(layer, (round(share[0], 4), round(share[1], 4)), placed(before), placed(after))
+
+
+def inspection_data(model: GPT, tokenizer: Tokenizer, text: str, layers: Iterable[int], heads: list[int | None],
+                    compare: str | None = None) -> dict[str, Any]:
+    """What `lm inspect-attention --format json` writes and its HTML page shows: the tokens and the
+    weights of the chosen layers and heads (None: their mean), every head's statistics in those layers,
+    their gravity maps and, with `compare`, the second text's tokens and weights (its vectors share the
+    gravity maps). Plain JSON values, except each entry's `weights`: a (time, time) tensor, which
+    `inspection_json` writes as rows (a GPT-2-sized model's weights as Python floats would take GBs)."""
+    chosen = sorted({check_layer(model, layer) for layer in layers})
+    for head in heads:
+        if head is not None:
+            check_head(model, head)
+    texts = [attention_maps(model, tokenizer, text, chosen)]
+    if compare is not None:
+        texts.append(attention_maps(model, tokenizer, compare, chosen))
+    specials = set(tokenizer.special_tokens.values())
+    data = _text_data(text, texts[0], heads, specials)
+    if len(texts[0].ids) >= 2:
+        induction = induction_scores(model, tokenizer, layers=chosen)
+        data["heads"] = [asdict(s) for layer in chosen for s in head_stats(layer, texts[0].weights[layer],
+                                                                          induction[layer])]
+    else:
+        data["heads"] = []
+    data["gravity"] = [asdict(gravity_map(texts, layer, specials)) for layer in chosen]
+    if compare is not None:
+        data["compare"] = _text_data(compare, texts[1], heads, specials)
+    return data
+
+
+def _text_data(text: str, maps: AttentionMaps, heads: list[int | None], specials: set[int]) -> dict[str, Any]:
+    return {
+        "text": text,
+        "dropped_tokens": maps.dropped,
+        "tokens": [{"position": i, "id": token_id, "text": visible_text(data), "bytes": data.hex(),
+                    "special": token_id in specials}
+                   for i, (token_id, data) in enumerate(zip(maps.ids, maps.tokens, strict=True))],
+        "attention": [{"layer": layer, "head": "mean" if head is None else head,
+                       "weights": head_matrix(maps, layer, head)}
+                      for layer in sorted(maps.weights) for head in heads],
+    }
+
+
+def inspection_json(data: dict[str, Any]) -> str:
+    """`inspection_data`'s result as JSON: row i of each `weights` holds query i's weights on keys 0..i."""
+    def rows(value: object) -> list[list[float]]:
+        if isinstance(value, torch.Tensor):
+            return _lower_triangle(value)
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    return json.dumps(data, ensure_ascii=False, default=rows)
+
+
+def _lower_triangle(matrix: torch.Tensor) -> list[list[float]]:
+    """Row i holds query i's weights on keys 0..i (the rest are masked, always 0)."""
+    flat = matrix[tuple(torch.tril_indices(*matrix.shape))].tolist()  # one conversion, not one per row
+    return [flat[query * (query + 1) // 2:(query + 1) * (query + 2) // 2] for query in range(matrix.size(0))]
 
 
 # Embeddings ---------------------------------------------------------------------------------------

@@ -139,3 +139,40 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint a run resumes from, so no step appears twice."""
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     atomic_write_text(path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+@dataclass
+class LearningCurves:
+    """What metrics.jsonl says about how a run learned, against wall-clock time and tokens seen."""
+
+    name: str
+    time_s: list[float]  # training loss, at every logged step
+    tokens: list[int]
+    loss: list[float]  # nats per token
+    val_time_s: list[float]  # validation, at every evaluation
+    val_tokens: list[int]
+    val_bpb: list[float]
+
+
+def learning_curves(path: Path, name: str | None = None) -> LearningCurves:
+    """The run's curves so far (a run still training gives what it has logged).
+
+    Tokens seen are the record's `tokens` when it has one, else step x batch x accumulation x context
+    (the batch counts every process's windows, so this holds for distributed runs too).
+    """
+    info = read_config(path)
+    per_step = info.train.batch_size * info.train.grad_accum * info.model.context_length
+    curves = LearningCurves(name or path.name or str(path), [], [], [], [], [], [])
+    for record in read_metrics(path):
+        if "step" not in record or "time_s" not in record:
+            continue
+        tokens = int(record.get("tokens", record["step"] * per_step))
+        if "loss" in record:
+            curves.time_s.append(record["time_s"])
+            curves.tokens.append(tokens)
+            curves.loss.append(record["loss"])
+        if "val_bpb" in record:
+            curves.val_time_s.append(record["time_s"])
+            curves.val_tokens.append(tokens)
+            curves.val_bpb.append(record["val_bpb"])
+    return curves

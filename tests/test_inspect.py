@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,19 @@ import torch
 from conftest import assert_one_line_error, run_lm
 from safetensors.torch import save_file
 
+from cli.inspect_attention import _grid, _summary_table
 from lm import rundir
-from lm.checkpoint import model_state_dict
+from lm.checkpoint import load_run, model_state_dict
 from lm.config import ModelConfig, TrainConfig
-from lm.inspect import attention_maps, compare_attention, head_matrix, head_stats, induction_scores, top_attended
+from lm.inspect import (
+    attention_maps,
+    compare_attention,
+    head_matrix,
+    head_stats,
+    heads_summary,
+    induction_scores,
+    top_attended,
+)
 from lm.model import GPT
 from lm.textfiles import find_text_files
 from lm.tokenizer import TokenizerConfig, train_tokenizer
@@ -122,8 +133,8 @@ def known_run(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer) -> Path:
 def test_heads_summary_and_top_through_the_executable(known_run: Path) -> None:
     summary = run_lm("inspect-attention", known_run, "--text", "abcdefg", "--heads-summary")
     assert summary.returncode == 0, summary.stderr
-    rows = [line.split("│") for line in summary.stdout.splitlines() if line.startswith("│")]
-    cells = {(int(r[1]), int(r[2])): [c.strip() for c in r[3:9]] for r in rows}
+    rows = [line.split() for line in summary.stdout.splitlines() if re.match(r" *\d+ +\d+ ", line)]
+    cells = {(int(r[0]), int(r[1])): r[2:8] for r in rows}
     assert cells[(0, 0)][1] == "1.00" and cells[(0, 0)][5] == "previous-token"
     assert cells[(0, 1)][2] == "1.00" and cells[(0, 1)][5] == "sink"
     top = run_lm("inspect-attention", known_run, "--text", "abcdefg", "--head", "0", "--top", "1")
@@ -186,3 +197,71 @@ def test_embeddings_through_the_executable(known_run: Path) -> None:
     assert "nearest to" in result.stdout and "logit lens" in result.stdout and "block 0" in result.stdout
     assert_one_line_error(run_lm("inspect-embeddings", known_run, "z", "--context", "abc"),
                           "does not occur in the --context text")
+
+
+@pytest.fixture(scope="module")
+def gpt2_shaped_run(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer) -> Path:
+    """12 layers x 12 heads (narrow, short context: the shape is what matters to the terminal views)."""
+    run = tmp_path_factory.mktemp("twelve") / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=byte_tokenizer.vocab_size, context_length=32, n_layer=12, n_head=12,
+                            d_model=48))
+    save_file(model_state_dict(model), str(run / rundir.WEIGHTS))
+    byte_tokenizer.save(run / rundir.TOKENIZER)
+    rundir.write_config(run, model.config, TrainConfig(), {"parameters": model.num_parameters()})
+    return run
+
+
+def test_twelve_by_twelve_heads_read_at_80_columns(gpt2_shaped_run: Path, byte_tokenizer) -> None:
+    narrow = {"COLUMNS": "80"}
+    grid = run_lm("inspect-attention", gpt2_shaped_run, "--text", "abcdefghij", "--layer", "all", "--head", "all",
+                  env=narrow)
+    assert grid.returncode == 0, grid.stderr
+    lines = grid.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in grid.stdout
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    assert header.split() == ["layer", *(f"h{head}" for head in range(12))]  # one block: all 12 heads fit
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == [str(layer) for layer in range(12)]
+    assert all(len(row) == 13 and all(re.fullmatch(r"[PISDbm](\.\d\d|1\.0|\d+(\.\d)?)", cell) for cell in row[1:])
+               for row in rows)
+    assert "P previous-token" in grid.stdout  # the legend of the short codes
+    wide = rendered(_grid(twelve_maps(gpt2_shaped_run), list(range(12)), 200), 200)
+    assert "broad" in wide and "P previous-token" not in wide  # room for whole names
+    known = known_model(byte_tokenizer.vocab_size)
+    for model, text in ((known, "abcdefg"), (load_run(gpt2_shaped_run)[0], "abcdefghij")):
+        stats, maps = heads_summary(model, byte_tokenizer, text)
+        summary = rendered([_summary_table(stats, len(maps.ids), 80)], 80)
+        assert max(map(len, summary.splitlines())) <= 80 and "…" not in summary
+        assert len(re.findall(r"^ *\d+ +\d+ +\d", summary, re.M)) == len(stats)
+        if model is known:
+            assert re.search(r"^ *0 +0 +\S+ +1\.00 .* prev *$", summary, re.M)
+
+
+def twelve_maps(run: Path):
+    model, tokenizer, _ = load_run(run)
+    return attention_maps(model, tokenizer, "abcdefghij", range(12))
+
+
+def rendered(renderables: list, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    for renderable in renderables:
+        console.print(renderable)
+    return console.export_text()
+
+
+def test_many_heads_wrap_into_blocks(byte_tokenizer) -> None:
+
+    from cli.inspect_attention import _grid
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=byte_tokenizer.vocab_size, context_length=16, n_layer=2, n_head=32,
+                            d_model=64)).eval()
+    maps = attention_maps(model, byte_tokenizer, "abcdefgh", [0, 1])
+    text = rendered(_grid(maps, list(range(32)), 80), 80)
+    headers = [line.split() for line in text.splitlines() if line.lstrip().startswith("layer")]
+    assert len(headers) >= 3 and sum(len(h) - 1 for h in headers) == 32  # every head once, in blocks
+    assert max(map(len, text.splitlines())) <= 80
