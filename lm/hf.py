@@ -40,8 +40,11 @@ GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def family(config: ModelConfig) -> str:
-    """Which transformers family a model belongs to, or a UsageError naming what blocks export."""
+def family(config: ModelConfig, target: str = "transformers") -> str:
+    """Which family (gpt2 or llama) a model belongs to, or a UsageError naming what blocks its export to `target`.
+
+    transformers and llama.cpp have the same two families, so GGUF export asks the same question.
+    """
     gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
     llama = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
     for name, wanted in (("gpt2", gpt2), ("llama", llama)):
@@ -49,12 +52,12 @@ def family(config: ModelConfig) -> str:
             return name
     if config.pos_encoding == "sinusoidal":
         raise UsageError("this run uses sinusoidal positions (--pos-encoding sinusoidal), which neither GPT-2 nor "
-                         "Llama in transformers has; export needs learned (GPT-2) or rope (Llama) positions")
+                         f"Llama in {target} has; export needs learned (GPT-2) or rope (Llama) positions")
     closest = gpt2 if config.pos_encoding == "learned" else llama
     name = "GPT-2" if closest is gpt2 else "Llama"
     blockers = [f"--{key.replace('_', '-')} {getattr(config, key)!r} (needs {value!r})"
                 for key, value in closest.items() if getattr(config, key) != value]
-    raise UsageError(f"no transformers equivalent: as {name} this run differs in {', '.join(blockers)}")
+    raise UsageError(f"no {target} equivalent: as {name} this run differs in {', '.join(blockers)}")
 
 
 # lm -> transformers ------------------------------------------------------------------------------
