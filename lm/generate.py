@@ -174,7 +174,7 @@ def generate_tokens(
         elif decoder is not None:
             logits = decoder.step(ids[:, None], filled - 1 - start)
         elif cache is not None:
-            logits = model(ids[:, None], cache=cache)[0][:, -1]
+            logits = model.decode_step(ids[:, None], cache)
         else:
             logits = model(history[:, start:filled])[0][:, -1]
 
