@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from lm import rundir
 from lm.cache import cache_dir
 from lm.checkpoint import load_run, model_state_dict
-from lm.config import TrainConfig, preset
+from lm.config import TrainConfig, preset, with_overrides
 from lm.generate import GenerationStats, generate_tokens, prepare_for_generation
 from lm.model import GPT
 from lm.sampling import SamplingConfig
@@ -128,15 +128,24 @@ def trained_run(work: Path, family: str, corpus: Path, tokenizer: Path, steps: i
     return run
 
 
-def speed_run(work: Path, family: str, tokenizer: Path) -> Path:
-    """The `gpt2` (or `llama`) preset's shape at vocab 8192, with lm's random initialisation."""
-    run = work / f"speed-{family}"
+def random_run(work: Path, family: str, tokenizer: Path, preset_name: str, std: float | None = None) -> Path:
+    """A run of the preset's shape (the family's design) with random weights: lm's initialisation, or
+    every parameter drawn with `std` (large weights make greedy text varied, a stricter check than the
+    repetitive text of a briefly trained model)."""
+    run = work / f"random-{preset_name}-{family}-{std or 'init'}"
     if not (run / rundir.WEIGHTS).is_file():
         tok = Tokenizer.from_file(tokenizer)
-        config = preset(family).model
+        config = preset(preset_name).model
         config.vocab_size = tok.vocab_size
+        if family == "llama" and preset_name != "llama":
+            config = with_overrides(config, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                                             "bias": False})
         torch.manual_seed(0)
         model = GPT(config)
+        if std is not None:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.normal_(std=std)
         run.mkdir(parents=True, exist_ok=True)
         save_file(model_state_dict(model), str(run / rundir.WEIGHTS))
         tok.save(run / rundir.TOKENIZER, overwrite=True)
@@ -270,11 +279,15 @@ def main() -> None:
     passed = True
     for family in ("gpt2", "llama"):
         run = trained_run(work, family, corpus, tokenizer, args.steps)
-        ours, theirs = greedy_texts(bin_dir, run, 50)
-        same = ours == theirs
-        passed &= same
-        rows.setdefault("greedy 50 tokens (tiny run, f32)", []).append(
-            "[green]identical[/]" if same else f"[red]differ[/] lm {ours!r} / llama.cpp {theirs!r}")
+        for label, greedy_run in ((f"trained tiny run ({args.steps} steps)", run),
+                                  ("tiny shape, random weights (std 0.3)",
+                                   random_run(work, family, tokenizer, "tiny", 0.3))):
+            ours, theirs = greedy_texts(bin_dir, greedy_run, 50)
+            same = ours == theirs
+            passed &= same
+            rows.setdefault(f"greedy 50 tokens, f32, {label}", []).append(
+                f"[green]identical[/] ({len(set(ours.split()))} distinct words)" if same else
+                f"[red]differ[/] lm {ours!r} / llama.cpp {theirs!r}")
         ids, their_ids = token_ids(bin_dir, run, UNICODE)
         same = ids == their_ids
         passed &= same
@@ -283,7 +296,7 @@ def main() -> None:
             f"[red]differ[/] from token {first_difference(ids, their_ids)}")
         if args.skip_speed:
             continue
-        speed = speed_run(work, family, tokenizer)
+        speed = random_run(work, family, tokenizer, family)
         s = measure_speed(bin_dir, speed, args.threads, args.rounds, args.new_tokens)
         for label, ours_ts, theirs_ts, per_weight in (("float32 / F32", s.lm_f32, s.cpp_f32, (4.0, 4.0)),
                                                       ("int8 / Q8_0", s.lm_int8, s.cpp_q8, (1.0, 34 / 32))):
