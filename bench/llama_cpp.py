@@ -118,13 +118,13 @@ def tokenizer_and_corpus(work: Path) -> tuple[Path, Path]:
 
 
 def trained_run(work: Path, family: str, corpus: Path, tokenizer: Path, steps: int) -> Path:
-    """A `tiny` run of the family trained for a few hundred steps: enough for clear greedy choices."""
+    """A `tiny` run of the family trained briefly on Shakespeare (its greedy text is still repetitive)."""
     run = work / f"tiny-{family}-{steps}"
     if not (run / rundir.WEIGHTS).is_file():
         console.print(f"Training a tiny {family} run for {steps} steps ...")
         lm("train", corpus, "--tokenizer", tokenizer, "--preset", "tiny", "--max-steps", steps, "--batch-size", "8",
-           "--eval-every", steps,
-           "--sample-tokens", "0", "--out", run, "--force", *(LLAMA_FLAGS if family == "llama" else []))
+           "--eval-every", steps, "--sample-tokens", "0", "--out", run, "--force",
+           *(LLAMA_FLAGS if family == "llama" else []))
     return run
 
 

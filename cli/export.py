@@ -43,7 +43,8 @@ def command(
         stdout().print(f"Exported {run_dir} as llama.cpp {written.architecture} ({written.dtype}, "
                        f"{written.tensors} tensors, {written.bytes / 2**20:.1f} MiB, pre-tokenizer "
                        f"{written.pre_tokenizer}) to {out}\n"
-                       f"Run it with: llama-cli -m {str(out)!r} -p 'ROMEO:'", highlight=False, soft_wrap=True)
+                       f"Run it with llama.cpp: llama-completion -m {str(out)!r} -no-cnv -p 'ROMEO:'",
+                       highlight=False, soft_wrap=True)
         return
     if dtype is not None:
         raise UsageError("--dtype is for --format gguf; a transformers export keeps the run's float32 weights")
