@@ -144,6 +144,9 @@ def generate_tokens(
         seen = torch.zeros(num_samples, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[:, history[0, :filled]] = True
     cache = KVCache(model.config, num_samples, device, next(model.parameters()).dtype) if use_cache else None
+    # decode_step skips the model's own __call__: only for a plain GPT, not one whose forward hooks do
+    # work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
+    lean = type(model) is GPT
 
     def run_window() -> torch.Tensor:
         """Logits after reading the whole current window (a prefill when caching)."""
@@ -180,6 +183,8 @@ def generate_tokens(
             logits = run_window()
         elif decoder is not None:
             logits = decoder.step(ids[:, None], filled - 1 - start)
+        elif cache is not None and lean:
+            logits = model.decode_step(ids[:, None], cache)
         elif cache is not None:
             logits = model(ids[:, None], cache=cache)[0][:, -1]
         else:

@@ -43,23 +43,33 @@ GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def family(config: ModelConfig) -> str:
-    """Which transformers family a model belongs to, or a UsageError naming what blocks export."""
+def family(config: ModelConfig, target: str = "transformers") -> str:
+    """Which family (gpt2, llama or qwen3) a model belongs to, or a UsageError naming what blocks its export
+    to `target`.
+
+    transformers and llama.cpp share the GPT-2 and Llama families, so GGUF export asks the same question;
+    ReLU² GPT-2 blocks and QK-norm (Qwen3) go to transformers only.
+    """
     gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False}
     llama = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
-    if config.mlp == "relu2":
+    if config.mlp == "relu2" and target == "transformers":
         gpt2["mlp"] = "relu2"  # GPT-2's config names its activation: relu2 is one transformers has
     for name, wanted in (("gpt2", gpt2), ("llama", llama)):
         if all(getattr(config, key) == value for key, value in wanted.items()):
-            return "qwen3" if name == "llama" and config.qk_norm else name
+            if name == "llama" and config.qk_norm:
+                if target != "transformers":
+                    raise UsageError(f"--qk-norm (Qwen3's design) has no {target} export in lm yet; export it to "
+                                     "transformers (lm export --format hf) or train without --qk-norm")
+                return "qwen3"
+            return name
     if config.pos_encoding == "sinusoidal":
         raise UsageError("this run uses sinusoidal positions (--pos-encoding sinusoidal), which neither GPT-2 nor "
-                         "Llama in transformers has; export needs learned (GPT-2) or rope (Llama) positions")
+                         f"Llama in {target} has; export needs learned (GPT-2) or rope (Llama) positions")
     closest = gpt2 if config.pos_encoding == "learned" else llama
     name = "GPT-2" if closest is gpt2 else "Llama"
     blockers = [f"--{key.replace('_', '-')} {getattr(config, key)!r} (needs {value!r})"
                 for key, value in closest.items() if getattr(config, key) != value]
-    raise UsageError(f"no transformers equivalent: as {name} this run differs in {', '.join(blockers)}")
+    raise UsageError(f"no {target} equivalent: as {name} this run differs in {', '.join(blockers)}")
 
 
 # lm -> transformers ------------------------------------------------------------------------------

@@ -99,6 +99,28 @@ def test_a_decode_step_sees_every_cached_token() -> None:
     assert cache.length == 12
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("family", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}])
+def test_decode_step_computes_what_forward_does(quantize: str, family: dict) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, context_length=32, n_layer=2, n_head=2, d_model=32, **family)
+    model = gen.prepare_for_generation(GPT(config), quantize=quantize)  # the decoding layout, as generate uses
+    ids = torch.randint(0, 61, (2, 12))
+    general, lean = KVCache(config, 2), KVCache(config, 2)
+    with torch.inference_mode():
+        model(ids[:, :4], cache=general)
+        model(ids[:, :4], cache=lean)
+        for position in range(4, 12):
+            expected = model(ids[:, position:position + 1], cache=general)[0][:, -1]
+            torch.testing.assert_close(model.decode_step(ids[:, position:position + 1], lean), expected,
+                                       atol=1e-5, rtol=0)
+    assert lean.length == general.length == 12
+    assert torch.equal(lean.keys[:, :, :, :12], general.keys[:, :, :, :12])
+    lean.length = config.context_length  # full: a step past it is refused, not written out of bounds
+    with pytest.raises(ValueError, match="context length"):
+        model.decode_step(ids[:, :1], lean)
+
+
 def test_the_window_keeps_three_quarters() -> None:
     assert window_keep(128) == 96 and window_keep(1) == 1
 
