@@ -94,3 +94,31 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     assert "Traceback" not in result.stderr + result.stdout
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
+
+
+def random_weights(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Every parameter, norms and biases included, drawn from N(0, scale²): varied, confident outputs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def write_run(path: Path, tokenizer, config, seed: int = 0) -> Path:
+    """A run directory holding a randomly weighted model of `config`, as `lm train` would lay it out."""
+    from safetensors.torch import save_file
+
+    from lm import rundir
+    from lm.checkpoint import model_state_dict
+    from lm.config import TrainConfig
+    from lm.model import GPT
+
+    model = GPT(config)
+    random_weights(model, seed)
+    path.mkdir(parents=True)
+    save_file(model_state_dict(model), str(path / rundir.WEIGHTS))
+    tokenizer.save(path / rundir.TOKENIZER)
+    rundir.write_config(path, config, TrainConfig(), {"parameters": model.num_parameters()})
+    return path

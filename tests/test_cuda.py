@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, SAMPLE
+from test_train import make_setup as train_setup
 
 from lm import checkpoint, rundir
-from lm.config import ModelConfig, TrainConfig
-from lm.data import split_text, tokenize_split
+from lm.config import ModelConfig
 from lm.generate import CompiledDecoder, GenerationStats, Step, generate_tokens
 from lm.model import GPT, causal_attention, explicit_attention
 from lm.sampling import SamplingConfig
@@ -46,15 +46,8 @@ def float32_precision():
 
 
 def make_setup(run_dir: Path, tokenizer, text: Path, resume: bool = False, **train_changes) -> TrainingSetup:
-    model = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, n_layer=2, n_head=2, d_model=32)
-    train = TrainConfig(**{"max_steps": 60, "batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "eval_every": 30,
-                           "eval_batches": 2, "log_every": 1, "sample_tokens": 8, "val_fraction": 0.1,
-                           "device": DEVICE, **train_changes})
-    splits = tokenize_split(split_text([text], None, train.val_fraction), tokenizer,
-                            cache_root=run_dir.parent / "token-cache")
-    if not resume:
-        rundir.prepare_run_dir(run_dir, resume=False, force=True)
-    return TrainingSetup(run_dir, model, train, tokenizer, splits, resume=resume)
+    return train_setup(run_dir, tokenizer, resume=resume, text=text,
+                       **{"max_steps": 60, "eval_every": 30, "device": DEVICE, **train_changes})
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_lm
-from safetensors.torch import load_file, save_file
+from conftest import assert_one_line_error, run_lm, write_run
+from safetensors.torch import load_file
 
 from lm import rundir
 from lm.checkpoint import model_state_dict
-from lm.config import ModelConfig, TrainConfig
+from lm.config import ModelConfig
 from lm.errors import InputError, UsageError
 from lm.gguf import export_gguf, interleave_rope_rows, pre_tokenizer_name, split_rope_rows
 from lm.model import GPT, apply_rope, rope_tables
@@ -32,17 +32,7 @@ SIZE = {"context_length": 96, "n_layer": 2, "n_head": 4, "d_model": 64}
 
 
 def make_run(path: Path, tokenizer, **fields) -> Path:
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, **{**SIZE, **fields})
-    model = GPT(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():  # random everywhere, norms and biases included
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    path.mkdir(parents=True)
-    save_file(model_state_dict(model), str(path / rundir.WEIGHTS))
-    tokenizer.save(path / rundir.TOKENIZER)
-    rundir.write_config(path, config, TrainConfig(), {"parameters": model.num_parameters()})
-    return path
+    return write_run(path, tokenizer, ModelConfig(vocab_size=tokenizer.vocab_size, **{**SIZE, **fields}))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

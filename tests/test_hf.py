@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_lm
+from conftest import assert_one_line_error, random_weights, run_lm, write_run
 from safetensors.torch import load_file, save_file
 
 from lm import rundir
-from lm.checkpoint import load_run, model_state_dict
-from lm.config import ModelConfig, TrainConfig
+from lm.checkpoint import load_run
+from lm.config import ModelConfig
 from lm.generate import generate_tokens
-from lm.model import GPT
 from lm.sampling import SamplingConfig
 
 transformers = pytest.importorskip("transformers")
@@ -27,23 +26,9 @@ LLAMA_SHAPE = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias
 UNICODE = "Ünïcödé, 日本語のテキスト, emoji 🕯️🔥, Ελληνικά, العربية, tabs\tand\r\nnewlines"
 
 
-def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-
-
 def make_run(path: Path, tokenizer, **shape) -> Path:
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=96, n_layer=2, n_head=4, d_model=32,
-                         **shape)
-    model = GPT(config)
-    random_weights(model)
-    path.mkdir(parents=True)
-    save_file(model_state_dict(model), str(path / rundir.WEIGHTS))
-    tokenizer.save(path / rundir.TOKENIZER)
-    rundir.write_config(path, config, TrainConfig(), {"parameters": model.num_parameters()})
-    return path
+    return write_run(path, tokenizer, ModelConfig(vocab_size=tokenizer.vocab_size, context_length=96, n_layer=2,
+                                                  n_head=4, d_model=32, **shape))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE, assert_one_line_error, run_lm
-from safetensors.torch import save_file
+from conftest import SAMPLE, assert_one_line_error, run_lm, write_run
 from test_train import make_setup
 
 from lm import rundir
 from lm import train as train_module
-from lm.checkpoint import load_run, model_state_dict
+from lm.checkpoint import load_run
 from lm.config import ModelConfig, TrainConfig, parse_duration
 from lm.errors import UsageError
 from lm.model import GPT
@@ -94,17 +93,8 @@ def test_a_time_budget_ends_the_run_evaluated_saved_and_on_time(sample_tokenizer
 
 
 def make_run(path: Path, tokenizer, **shape) -> Path:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_layer=2, n_head=4, d_model=32,
-                            **shape))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
-    path.mkdir(parents=True)
-    save_file(model_state_dict(model), str(path / rundir.WEIGHTS))
-    tokenizer.save(path / rundir.TOKENIZER)
-    rundir.write_config(path, model.config, TrainConfig(), {})
-    return path
+    return write_run(path, tokenizer, ModelConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_layer=2,
+                                                  n_head=4, d_model=32, **shape))
 
 
 @pytest.mark.parametrize(("shape", "architecture"), [
