@@ -228,6 +228,8 @@ def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     attn, batch, position = block.attn, x.size(0), cache.length
     qkv = attn.qkv(block.norm1(x)).view(batch, 3, attn.n_head, 1, attn.d_head)
     q, k, v = qkv.unbind(1)  # (batch, heads, 1, d_head), views
+    if attn.q_norm is not None and attn.k_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     keys, values = cache._per_layer[layer]

@@ -100,7 +100,9 @@ def test_a_decode_step_sees_every_cached_token() -> None:
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-@pytest.mark.parametrize("family", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}])
+@pytest.mark.parametrize("family", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+                                    {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+                                     "qk_norm": True}])
 def test_decode_step_computes_what_forward_does(quantize: str, family: dict) -> None:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=61, context_length=32, n_layer=2, n_head=2, d_model=32, **family)
