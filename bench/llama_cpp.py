@@ -53,7 +53,16 @@ LLAMA_CPP_PYTHON = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
 TARGETS = ("llama-simple", "llama-bench", "llama-tokenize")
 LM = str(Path(sys.executable).parent / "lm")
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_FLAGS = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias"]
+# Each family's design, whatever the tiny preset's is.
+FAMILY_DESIGNS = {
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": False},
+    "qwen3": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True},
+}
+FAMILY_FLAGS = {family: ["--pos-encoding", design["pos_encoding"], "--norm", design["norm"], "--mlp", design["mlp"],
+                         "--bias" if design["bias"] else "--no-bias",
+                         "--qk-norm" if design["qk_norm"] else "--no-qk-norm"]
+                for family, design in FAMILY_DESIGNS.items()}
 PROMPT = "ROMEO:"
 UNICODE = ("Ünïcödé façade, naïve café — “quotes” ‘and’ «guillemets»; 日本語のテキストと中文，한국어 텍스트; "
            "Ελληνικά, русский, العربية, עברית, हिन्दी; emoji 🕯️🔥👩‍👩‍👧 and flags 🇫🇷; "
@@ -124,7 +133,7 @@ def trained_run(work: Path, family: str, corpus: Path, tokenizer: Path, steps: i
         console.print(f"Training a tiny {family} run for {steps} steps ...")
         lm("train", corpus, "--tokenizer", tokenizer, "--preset", "tiny", "--max-steps", steps, "--batch-size", "8",
            "--eval-every", steps, "--sample-tokens", "0", "--out", run, "--force",
-           *(LLAMA_FLAGS if family == "llama" else []))
+           *FAMILY_FLAGS[family])
     return run
 
 
@@ -137,9 +146,7 @@ def random_run(work: Path, family: str, tokenizer: Path, preset_name: str, std: 
         tok = Tokenizer.from_file(tokenizer)
         config = preset(preset_name).model
         config.vocab_size = tok.vocab_size
-        if family == "llama" and preset_name != "llama":
-            config = with_overrides(config, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
-                                             "bias": False})
+        config = with_overrides(config, FAMILY_DESIGNS[family])
         torch.manual_seed(0)
         model = GPT(config)
         if std is not None:
@@ -170,7 +177,8 @@ def greedy_texts(bin_dir: Path, run: Path, new_tokens: int) -> tuple[str, str]:
                             capture_output=True, text=True, check=True)
     # llama-simple prints the prompt's pieces (the <|endoftext|> BOS among them), the text, a newline.
     theirs = result.stdout.removeprefix("<|endoftext|>").removesuffix("\n")
-    return ours.removeprefix(PROMPT).removesuffix("\n"), theirs.removeprefix(PROMPT)
+    # Into a pipe `lm generate` writes exactly the text, with no newline of its own.
+    return ours.removeprefix(PROMPT), theirs.removeprefix(PROMPT)
 
 
 def token_ids(bin_dir: Path, run: Path, text: str) -> tuple[list[int], list[int]]:
@@ -273,11 +281,12 @@ def main() -> None:
 
     table = Table(title=f"lm and llama.cpp ({LLAMA_CPP_PYTHON}'s sources), {cpu}, {args.threads} threads, "
                         f"read bandwidth {bandwidth:.1f} GB/s", title_justify="left")
-    for column in ("check", "GPT-2 family (llama.cpp gpt2)", "Llama family (llama.cpp llama)"):
+    for column in ("check", "GPT-2 family (llama.cpp gpt2)", "Llama family (llama.cpp llama)",
+                   "Qwen3 family (llama.cpp qwen3)"):
         table.add_column(column)
     rows: dict[str, list[str]] = {}
     passed = True
-    for family in ("gpt2", "llama"):
+    for family in FAMILY_FLAGS:
         run = trained_run(work, family, corpus, tokenizer, args.steps)
         for label, greedy_run in ((f"trained tiny run ({args.steps} steps)", run),
                                   ("tiny shape, random weights (std 0.3)",
@@ -294,7 +303,12 @@ def main() -> None:
         rows.setdefault(f"token ids, {len(UNICODE)}-character Unicode text", []).append(
             f"[green]identical[/] ({len(ids)} tokens)" if same else
             f"[red]differ[/] from token {first_difference(ids, their_ids)}")
-        if args.skip_speed:
+        if args.skip_speed or family == "qwen3":  # speed: the Llama family's shape has the same matrices
+            for label in ("float32 / F32", "int8 / Q8_0"):
+                for row in (f"decode tokens/s, {label}: lm / llama.cpp",
+                            f"weights read, {label}: lm / llama.cpp (GB/s, share of bandwidth)"):
+                    if row in rows:
+                        rows[row].append("not measured")
             continue
         speed = random_run(work, family, tokenizer, family)
         s = measure_speed(bin_dir, speed, args.threads, args.rounds, args.new_tokens)

@@ -2,7 +2,7 @@ r"""GGUF export: a run as one file that llama.cpp runs (and the tools built on i
 
 GGUF holds the architecture's hyper-parameters as key/value metadata, the tokenizer (tokens, merges,
 token types, special tokens and the name of a pre-tokenizer llama.cpp implements in C++), and every
-tensor under llama.cpp's names. lm's two families map onto two llama.cpp architectures:
+tensor under llama.cpp's names. lm's three families map onto three llama.cpp architectures:
 
 - GPT-2 family (learned positions, LayerNorm, GELU, biases) -> `gpt2`: the fused q/k/v matrix stays
   fused (`attn_qkv`), weights keep nn.Linear's (out, in) layout, which is ggml's [in, out].
@@ -10,6 +10,9 @@ tensor under llama.cpp's names. lm's two families map onto two llama.cpp archite
   are permuted within each head. lm rotates the pairs (i, i + d/2) of a head (the GPT-NeoX layout);
   llama.cpp's `llama` rotates (2i, 2i + 1), so row i + s * d/2 moves to row 2i + s (what llama.cpp's
   own converter does to a transformers checkpoint). q kᵀ is unchanged, as the rotation of each pair is.
+- Qwen3 family (the Llama family with --qk-norm: RMSNorm over each head's queries and keys before the
+  rotation) -> `qwen3`: q/k/v split, plus `attn_q_norm`/`attn_k_norm`; llama.cpp's qwen3 rotates
+  (i, i + d/2) pairs as lm does, so no rows move.
 
 The pre-tokenizer is where a converted tokenizer silently goes wrong: llama.cpp does not run the
 tokenizer.json's regex but a hand-written splitter chosen by name. lm's split pattern (lm.tokenizer,
@@ -82,7 +85,7 @@ class GGUFExport:
     """What `export_gguf` wrote."""
 
     path: Path
-    architecture: str  # llama.cpp's name: gpt2 or llama
+    architecture: str  # llama.cpp's name: gpt2, llama or qwen3
     dtype: str
     tensors: int
     bytes: int
@@ -115,9 +118,13 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
         else:
             names["mlp.gate"] = "ffn_gate"
             q, k, v = state[f"{ours}attn.qkv.weight"].split(config.d_model, dim=0)
-            out[f"{theirs}attn_q.weight"] = interleave_rope_rows(q, config.n_head)
-            out[f"{theirs}attn_k.weight"] = interleave_rope_rows(k, config.n_head)
+            # llama.cpp's qwen3 rotates lm's (i, i + d/2) pairs (its NEOX rope type); its llama does not.
+            relaid = (lambda w: w) if kind == "qwen3" else (lambda w: interleave_rope_rows(w, config.n_head))
+            out[f"{theirs}attn_q.weight"] = relaid(q)
+            out[f"{theirs}attn_k.weight"] = relaid(k)
             out[f"{theirs}attn_v.weight"] = v
+            if kind == "qwen3":
+                names.update({"attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"})
         for a, b in names.items():
             for suffix in ("weight", "bias"):
                 if f"{ours}{a}.{suffix}" in state:

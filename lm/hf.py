@@ -47,8 +47,8 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
     """Which family (gpt2, llama or qwen3) a model belongs to, or a UsageError naming what blocks its export
     to `target`.
 
-    transformers and llama.cpp share the GPT-2 and Llama families, so GGUF export asks the same question;
-    ReLU² GPT-2 blocks and QK-norm (Qwen3) go to transformers only.
+    transformers and llama.cpp share the GPT-2, Llama and Qwen3 families, so GGUF export asks the same
+    question; ReLU² GPT-2 blocks go to transformers only.
     """
     gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False}
     llama = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
@@ -57,9 +57,6 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
     for name, wanted in (("gpt2", gpt2), ("llama", llama)):
         if all(getattr(config, key) == value for key, value in wanted.items()):
             if name == "llama" and config.qk_norm:
-                if target != "transformers":
-                    raise UsageError(f"--qk-norm (Qwen3's design) has no {target} export in lm yet; export it to "
-                                     "transformers (lm export --format hf) or train without --qk-norm")
                 return "qwen3"
             return name
     if config.pos_encoding == "sinusoidal":

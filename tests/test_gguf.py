@@ -27,6 +27,8 @@ gguf = pytest.importorskip("gguf")
 GPT2_SHAPE = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 # Untied, so that output.weight is written too.
 LLAMA_SHAPE = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False}
+QWEN3_SHAPE = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True}
+SHAPES = {"gpt2": GPT2_SHAPE, "llama": LLAMA_SHAPE, "qwen3": QWEN3_SHAPE}
 # Every linear row a multiple of Q8_0's block of 32 values.
 SIZE = {"context_length": 96, "n_layer": 2, "n_head": 4, "d_model": 64}
 
@@ -35,10 +37,10 @@ def make_run(path: Path, tokenizer, **fields) -> Path:
     return write_run(path, tokenizer, ModelConfig(vocab_size=tokenizer.vocab_size, **{**SIZE, **fields}))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=list(SHAPES))
 def run(request, tmp_path_factory, sample_tokenizer) -> tuple[Path, str]:
-    shape = GPT2_SHAPE if request.param == "gpt2" else LLAMA_SHAPE
-    return make_run(tmp_path_factory.mktemp(request.param) / "run", sample_tokenizer, **shape), request.param
+    return make_run(tmp_path_factory.mktemp(request.param) / "run", sample_tokenizer, **SHAPES[request.param]), \
+        request.param
 
 
 def read_fields(reader) -> dict[str, object]:
@@ -48,7 +50,8 @@ def read_fields(reader) -> dict[str, object]:
 def lm_tensors(reader, kind: str, n_head: int) -> dict[str, torch.Tensor]:
     """The GGUF's tensors back under lm's names and in lm's layout (float32): the inverse of the export."""
     blocks = {"attn_norm": "norm1", "attn_output": "attn.proj", "ffn_norm": "norm2", "ffn_up": "mlp.fc",
-              "ffn_down": "mlp.proj", "ffn_gate": "mlp.gate", "attn_qkv": "attn.qkv"}
+              "ffn_down": "mlp.proj", "ffn_gate": "mlp.gate", "attn_qkv": "attn.qkv", "attn_q_norm": "attn.q_norm",
+              "attn_k_norm": "attn.k_norm"}
     top = {"token_embd": "tok_emb", "position_embd": "pos_emb", "output_norm": "norm", "output": "lm_head"}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -59,7 +62,7 @@ def lm_tensors(reader, kind: str, n_head: int) -> dict[str, torch.Tensor]:
         if base.startswith("blk."):
             _, layer, part = base.split(".")
             if part in ("attn_q", "attn_k", "attn_v"):
-                if part != "attn_v":
+                if part != "attn_v" and kind == "llama":  # qwen3 rotates lm's pairs: no rows moved
                     values = split_rope_rows(values, n_head)
                 qkv.setdefault(layer, {})[part] = values
                 continue
@@ -89,10 +92,10 @@ def test_gguf_reads_back_with_every_tensor_and_the_metadata(run, tmp_path: Path,
         "tokenizer.ggml.bos_token_id": sample_tokenizer.eot_id, "tokenizer.ggml.eos_token_id": sample_tokenizer.eot_id,
         "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
     }
-    if kind == "llama":
-        expected.update({"llama.rope.dimension_count": 16, "llama.rope.freq_base": 10000.0})
+    if kind != "gpt2":
+        expected.update({f"{kind}.rope.dimension_count": 16, f"{kind}.rope.freq_base": 10000.0})
     assert {k: fields.get(k) for k in expected} == expected
-    eps_key = "gpt2.attention.layer_norm_epsilon" if kind == "gpt2" else "llama.attention.layer_norm_rms_epsilon"
+    eps_key = "gpt2.attention.layer_norm_epsilon" if kind == "gpt2" else f"{kind}.attention.layer_norm_rms_epsilon"
     assert fields[eps_key] == pytest.approx(1e-5)
 
     vocab = sample_tokenizer.hf.get_vocab(with_added_tokens=True)
