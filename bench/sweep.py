@@ -1,5 +1,6 @@
 """Sweep: train candidate recipes and score each on held-out text, one table.
 
+    python bench/sweep.py --tinyshakespeare PATH/input.txt --nanogpt NANOGPT_CHECKOUT [--only NAME ...]
     python bench/sweep.py --tinyshakespeare PATH/input.txt --time-budget 61 [--only NAME ...]
     python bench/sweep.py --tinyshakespeare PATH/input.txt --max-steps 400      (quality per step)
 
@@ -8,6 +9,11 @@ nanoGPT's protocol: the first 90% of the characters to train on (the tokenizer i
 that many seconds, evaluation and saving included (`lm train --time-budget`), so faster steps count;
 with --max-steps they compare per step (a machine under load makes wall-clock budgets unfair, steps
 are not). The recipes run one after the other, in the order given, each in a fresh process.
+
+With --nanogpt (a checkout of karpathy/nanoGPT) the peer runs first, on this machine, in this run
+(bench/nanogpt.py: its CPU recipe, scored the same way), and its wall-clock is every recipe's budget:
+the table's ratios are then side by side. Without it they compare with nanoGPT's 2.703 bits/byte in
+61 s measured on a 2-core Intel Xeon on 2026-11-24.
 """
 
 from __future__ import annotations
@@ -20,24 +26,46 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanogpt import run_nanogpt
 from quality import LM, NANOGPT, split_like_nanogpt
 from rich.console import Console
 from rich.table import Table
 
+# Each recipe changes the tiny preset of its day: before the sweep, GPT-2's block, AdamW, lr 2e-3. The
+# preset is now the winner, so the earlier recipes spell out the old settings they assumed.
+GPT2 = ["--pos-encoding", "learned", "--norm", "layernorm", "--mlp", "gelu", "--bias", "--no-qk-norm"]
+LLAMA = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias", "--no-qk-norm"]
+OLD = ["--optimizer", "adamw", "--lr", "2e-3"]
 RECIPES: dict[str, list[str]] = {
-    "tiny (learned, AdamW)": [],
-    "rope": ["--pos-encoding", "rope"],
-    "rope, muon": ["--pos-encoding", "rope", "--optimizer", "muon"],
-    "llama block": ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias"],
-    "llama block, muon": ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias",
-                          "--optimizer", "muon"],
-    "qwen3 block (qk-norm), muon": ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias",
-                                    "--qk-norm", "--optimizer", "muon"],
-    "gpt2 block, relu2, muon": ["--mlp", "relu2", "--optimizer", "muon"],
-    "rope, muon, vocab 4096": ["--pos-encoding", "rope", "--optimizer", "muon", "--vocab-size", "4096"],
-    "rope, muon, vocab 2048": ["--pos-encoding", "rope", "--optimizer", "muon", "--vocab-size", "2048"],
-    "rope, muon, lr 4e-3": ["--pos-encoding", "rope", "--optimizer", "muon", "--lr", "4e-3"],
-    "rope, muon, warmdown 0.4": ["--pos-encoding", "rope", "--optimizer", "muon", "--warmdown", "0.4"],
+    "defaults (the tiny preset)": [],
+    "tiny (learned, AdamW)": [*GPT2, *OLD],  # the tiny preset before the sweep
+    "rope": [*GPT2, *OLD, "--pos-encoding", "rope"],
+    "rope, muon": [*GPT2, "--lr", "2e-3", "--pos-encoding", "rope", "--optimizer", "muon"],
+    "llama block": [*LLAMA, *OLD],
+    "llama block, muon": [*LLAMA, "--lr", "2e-3", "--optimizer", "muon"],
+    "qwen3 block (qk-norm), muon": [*LLAMA, "--lr", "2e-3", "--qk-norm", "--optimizer", "muon"],
+    "gpt2 block, relu2, muon": [*GPT2, "--lr", "2e-3", "--mlp", "relu2", "--optimizer", "muon"],
+    "rope, muon, vocab 4096": [*GPT2, "--lr", "2e-3", "--pos-encoding", "rope", "--optimizer", "muon",
+                               "--vocab-size", "4096"],
+    "rope, muon, vocab 2048": [*GPT2, "--lr", "2e-3", "--pos-encoding", "rope", "--optimizer", "muon",
+                               "--vocab-size", "2048"],
+    "rope, muon, lr 4e-3": [*GPT2, "--pos-encoding", "rope", "--optimizer", "muon", "--lr", "4e-3"],
+    "rope, muon, warmdown 0.4": [*GPT2, "--lr", "2e-3", "--pos-encoding", "rope", "--optimizer", "muon",
+                                 "--warmdown", "0.4"],
+    "rope, lr 4e-3": [*GPT2, "--optimizer", "adamw", "--pos-encoding", "rope", "--lr", "4e-3"],
+    "rope, muon, lr 8e-3": [*GPT2, "--pos-encoding", "rope", "--optimizer", "muon", "--lr", "8e-3"],
+    "llama block, muon, lr 4e-3": [*LLAMA, "--optimizer", "muon", "--lr", "4e-3"],
+    "llama block, muon, lr 8e-3": [*LLAMA, "--optimizer", "muon", "--lr", "8e-3"],
+    "llama block, muon, lr 4e-3, muon x2": [*LLAMA, "--optimizer", "muon", "--lr", "4e-3", "--muon-lr-scale", "2"],
+    "llama block, muon, lr 4e-3, warmdown 0.4": [*LLAMA, "--optimizer", "muon", "--lr", "4e-3", "--warmdown", "0.4"],
+    "qwen3 block, muon, lr 4e-3": [*LLAMA, "--qk-norm", "--optimizer", "muon", "--lr", "4e-3"],
+    "qwen3 block, muon, lr 6e-3": [*LLAMA, "--qk-norm", "--optimizer", "muon", "--lr", "6e-3"],
+    "qwen3 block, muon, lr 4e-3, muon x2": [*LLAMA, "--qk-norm", "--optimizer", "muon", "--lr", "4e-3",
+                                            "--muon-lr-scale", "2"],
+    "defaults, warmup 20": ["--warmup-steps", "20"],
+    "defaults, batch 8": ["--batch-size", "8"],
+    "defaults, batch 8, warmup 20": ["--batch-size", "8", "--warmup-steps", "20"],
+    "defaults, bfloat16 autocast": ["--dtype", "bfloat16"],
 }
 
 
@@ -47,11 +75,19 @@ def main() -> None:
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--time-budget", type=float, metavar="SECONDS")
     length.add_argument("--max-steps", type=int)
+    length.add_argument("--nanogpt", type=Path, metavar="CHECKOUT",
+                        help="run nanoGPT's CPU recipe here first; its wall-clock is the budget")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="recipes to run (default: all)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, common = parser.parse_known_args()
     recipes = {name: RECIPES[name] for name in (args.only or RECIPES)}
+    peer = dict(NANOGPT, measured=False)
+    if args.nanogpt:
+        peer = dict(run_nanogpt(args.nanogpt, args.tinyshakespeare), measured=True)
+        args.time_budget = peer["seconds"]
+        print(f"nanoGPT: {peer['bits_per_byte']:.4f} bits/byte, {peer['iters']} iterations, "
+              f"{peer['seconds']:.1f} s", flush=True)
     budget = ["--time-budget", f"{args.time_budget:g}"] if args.time_budget else ["--max-steps", str(args.max_steps)]
     console = Console(width=130)
     results = []
@@ -75,18 +111,22 @@ def main() -> None:
             speed = sorted(m["tokens_per_s"] for m in metrics)[len(metrics) // 2]
             results.append({"recipe": name, "args": extra, "steps": last["step"], "seconds": last["time_s"],
                             "wall_s": wall, "tokens_per_s": speed, "bits_per_byte": total["bits_per_byte"]})
-            console.print(f"{name}: {total['bits_per_byte']:.4f} bits/byte, {last['step']} steps, "
-                          f"{last['time_s']:.0f} s")
+            print(f"{name}: {total['bits_per_byte']:.4f} bits/byte, {last['step']} steps, {last['time_s']:.0f} s",
+                  flush=True)
     table = Table(title=f"Recipes on tinyshakespeare (first 90% to train, last 10% scored), "
                         f"{' '.join(budget)}, preset {args.preset}; best first", title_justify="left")
-    for column in ("recipe", "steps", "train s", "tokens/s", "held-out bits/byte", "vs nanoGPT's 2.703"):
+    reference = f"vs nanoGPT's {peer['bits_per_byte']:.3f}" + ("" if peer["measured"] else " (2026-11-24)")
+    for column in ("recipe", "steps", "train s", "tokens/s", "held-out bits/byte", reference):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for r in sorted(results, key=lambda r: r["bits_per_byte"]):
         table.add_row(r["recipe"], f"{r['steps']:,}", f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}",
-                      f"{r['bits_per_byte']:.4f}", f"{r['bits_per_byte'] / NANOGPT['bits_per_byte']:.3f}x")
+                      f"{r['bits_per_byte']:.4f}", f"{r['bits_per_byte'] / peer['bits_per_byte']:.3f}x")
+    if peer["measured"]:
+        table.add_row("nanoGPT CPU recipe, run here first", f"{peer['iters']:,}", f"{peer['seconds']:.0f}", "",
+                      f"{peer['bits_per_byte']:.4f}", "1.000x")
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"nanogpt": peer, "recipes": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
