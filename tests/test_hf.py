@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from lm import rundir
 from lm.checkpoint import load_run
-from lm.config import ModelConfig
+from lm.config import PRESETS, ModelConfig
 from lm.generate import generate_tokens
+from lm.hf import family as export_family
 from lm.sampling import SamplingConfig
 
 transformers = pytest.importorskip("transformers")
@@ -191,3 +192,10 @@ def test_export_refuses_what_transformers_cannot_load(tmp_path: Path, sample_tok
     assert_one_line_error(run_lm("export", good, "--out", tmp_path / "busy"), "is not empty")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_leaves_for_transformers_and_llama_cpp(name: str) -> None:
+    """What `make demo` (and any preset) trains can be exported both ways: family() raises otherwise."""
+    config = PRESETS[name].model
+    assert export_family(config, "transformers") == export_family(config, "llama.cpp") in ("gpt2", "llama", "qwen3")
