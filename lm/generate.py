@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lm.device import quantize_int8
 from lm.errors import InputError
-from lm.linear import quantize_int8
 from lm.model import GPT, KVCache, use_decoding_layout
 from lm.sampling import SamplingConfig, sample_next
 from lm.tokenizer import Tokenizer, TokenTextDecoder

@@ -180,39 +180,3 @@ def test_a_broken_cache_file_is_measured_again(measuring, monkeypatch: pytest.Mo
     monkeypatch.setattr(lm.linear, "probe", lambda *args: "onednn")
     assert kernel_for(10, 8, 8, False) == "onednn"
     assert json.loads((tmp_path / "cpu-matmul.json").read_text())[lm.linear.machine_key()] == {"infer 16x8x8": "onednn"}
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("leading", [(1,), (3, 5)])
-def test_int8_linear_computes_with_its_rounded_weights(bias: bool, leading: tuple[int, ...]) -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(96, 40, bias=bias)
-    quantized = lm.linear.Int8Linear(layer)
-    x = torch.randn(*leading, 96)
-    # The product with the dequantized weights (to bfloat16 rounding of the activations and the result)...
-    expected = F.linear(x, quantized.dequantized(), layer.bias)
-    assert (quantized(x) - expected).norm() <= 1e-2 * expected.norm()
-    # ...and those are the float weights to within half a quantization step per row.
-    step = layer.weight.abs().amax(dim=1, keepdim=True) / 127
-    assert ((quantized.dequantized() - layer.weight).abs() <= step / 2 + 1e-7).all()
-    assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
-
-
-def test_int8_linear_without_the_kernel_computes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    quantized, x = lm.linear.Int8Linear(nn.Linear(64, 48)), torch.randn(4, 64)
-    with_kernel = quantized(x)
-    monkeypatch.setattr(lm.linear, "_int8_kernel_available", lambda: False)
-    without = quantized(x)
-    assert (without - with_kernel).norm() <= 1e-2 * without.norm()
-    assert torch.allclose(without, F.linear(x, quantized.dequantized(), quantized.bias), atol=1e-5)
-    many_rows = torch.randn(lm.linear.INT8_KERNEL_ROWS + 1, 64)  # a prompt: dequantized weights, float32
-    assert torch.allclose(quantized(many_rows), F.linear(many_rows, quantized.dequantized(), quantized.bias),
-                          atol=1e-5)
-
-
-def test_quantize_int8_replaces_every_linear_layer_of_a_model() -> None:
-    model = lm.linear.quantize_int8(GPT(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2)))
-    kinds = {type(m) for m in model.modules()}
-    assert nn.Linear not in kinds and lm.linear.Int8Linear in kinds
-    assert model(torch.tensor([[1, 2, 3]]))[0].shape == (1, 3, 64)
