@@ -214,11 +214,21 @@ def command(
     if not paths:
         raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
     text_field = text_field or "text"
+    from lm.config import MUON_UNDER_FSDP
+    from lm.distributed import launched_by_torchrun
+
+    if train_config.fsdp and train_config.optimizer == "muon" and optimizer is None and not resume:
+        # The preset's Muon orthogonalises whole matrices, which FSDP shards: AdamW, unless asked for.
+        train_config.optimizer = "adamw"
+        if not launched_by_torchrun():
+            console.print("note: --fsdp shards the weight matrices Muon treats whole, so this run uses AdamW "
+                          "(the preset's Muon needs --ddp)")
+    if train_config.fsdp and train_config.optimizer == "muon" and nproc > 1:
+        raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start
     train_config.validate()
     model_config.validate()
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    from lm.distributed import launched_by_torchrun
 
     if nproc > 1 and not launched_by_torchrun():
         from lm.train import check_batch_split

@@ -20,6 +20,8 @@ MLPS = ("gelu", "swiglu", "relu2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+MUON_UNDER_FSDP = ("--optimizer muon orthogonalises whole weight matrices, which --fsdp shards; train with DDP "
+                   "(--ddp, the default) or --optimizer adamw")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lm import checkpoint, distributed, rundir
-from lm.config import ModelConfig, TrainConfig
+from lm.config import MUON_UNDER_FSDP, ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, check_splits, token_byte_lengths
 from lm.device import autocast, configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from lm.distributed import Distributed, DistributedError
@@ -152,8 +152,7 @@ class Trainer:
         # The module the training step runs: DDP around the model, or the model itself, sharded.
         self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
         if self.fsdp and self.config.optimizer == "muon":
-            raise UsageError("--optimizer muon orthogonalises whole weight matrices, which --fsdp shards; "
-                             "train with DDP (--ddp, the default) or --optimizer adamw")
+            raise UsageError(MUON_UNDER_FSDP)
         self.optimizers = make_optimizers(self.model, self.config, self.device)
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
