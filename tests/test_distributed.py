@@ -28,45 +28,51 @@ def train(run: Path, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture(scope="module", params=["muon", "adamw"])
-def one_process(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[float]]:
-    """The reference: 15 steps in one process, with the preset's Muon or with AdamW (what FSDP takes)."""
-    run = tmp_path_factory.mktemp("single") / "run"
-    train(run, str(SAMPLE), *SMALL, "--max-steps", "15", "--optimizer", request.param)
-    return request.param, losses(run)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+    """The references: 15 steps in one process, with the preset's Muon and with AdamW (what FSDP takes)."""
+    references = {}
+    for optimizer in ("muon", "adamw"):
+        run = tmp_path_factory.mktemp(optimizer) / "run"
+        train(run, str(SAMPLE), *SMALL, "--max-steps", "15", "--optimizer", optimizer)
+        references[optimizer] = losses(run)
+    return references
 
 
 @pytest.mark.parametrize("mode", ["--ddp", pytest.param("--fsdp", marks=pytest.mark.skipif(
     not HAS_FSDP2, reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)"))])
-def test_two_processes_follow_one_process(mode: str, one_process: tuple[str, list[float]], tmp_path: Path) -> None:
-    optimizer, reference = one_process
-    if mode == "--fsdp" and optimizer == "muon":
-        pytest.skip("--fsdp trains with AdamW (Muon is refused there; see the next test)")
+def test_two_processes_follow_one_process(mode: str, one_process: dict[str, list[float]], tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(run, str(SAMPLE), *SMALL, "--max-steps", "15", "--nproc", "2", mode,
-          *(["--optimizer", optimizer] if mode == "--ddp" else []))  # --fsdp alone: the preset's Muon gives way
+    # No --optimizer: DDP keeps the preset's Muon, FSDP gives way to AdamW (Muon needs whole matrices).
+    result = run_lm("train", str(SAMPLE), *SMALL, "--max-steps", "15", "--nproc", "2", mode, "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert ("uses AdamW" in result.stderr) == (mode == "--fsdp")
     two = losses(run)
     assert len(two) == 15
+    reference = one_process["adamw" if mode == "--fsdp" else "muon"]
     assert max(abs(a - b) for a, b in zip(two, reference, strict=True)) <= 1e-5
     assert json.loads((run / "train_state" / "latest.json").read_text())["step"] == 15
 
 
-@pytest.mark.parametrize(("first", "then"), [
-    (["--nproc", "2"], []),
-    ([], ["--nproc", "2", "--fsdp"] if HAS_FSDP2 else ["--nproc", "2"]),
+@pytest.mark.parametrize(("first", "then", "optimizer"), [
+    (["--nproc", "2"], [], "muon"),
+    ([], ["--nproc", "2", "--fsdp"] if HAS_FSDP2 else ["--nproc", "2"], "adamw"),
 ])
-def test_a_checkpoint_resumes_on_another_number_of_processes(first: list[str], then: list[str],
-                                                              one_process: tuple[str, list[float]],
+def test_a_checkpoint_resumes_on_another_number_of_processes(first: list[str], then: list[str], optimizer: str,
+                                                              one_process: dict[str, list[float]],
                                                               tmp_path: Path) -> None:
-    optimizer, reference = one_process
     run = tmp_path / "run"
     train(run, str(SAMPLE), *SMALL, "--max-steps", "10", "--optimizer", optimizer, *first)
     result = run_lm("train", "--out", run, "--resume", "--max-steps", "15", *then)
-    if optimizer == "muon" and "--fsdp" in then:  # a Muon run cannot go on sharded: refused, by name
-        assert_one_line_error(result, "--optimizer muon", "--fsdp")
-        return
     assert result.returncode == 0, result.stderr
-    assert max(abs(a - b) for a, b in zip(losses(run), reference, strict=True)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(losses(run), one_process[optimizer], strict=True)) <= 1e-5
+
+
+def test_muon_under_fsdp_is_refused_once_before_any_process_starts(tmp_path: Path) -> None:
+    result = run_lm("train", str(SAMPLE), *SMALL, "--nproc", "2", "--fsdp", "--optimizer", "muon",
+                    "--out", tmp_path / "run")
+    assert_one_line_error(result, "--optimizer muon", "--fsdp")
+    assert not (tmp_path / "run").exists()
 
 
 def torchrun(case: str, workdir: Path) -> subprocess.CompletedProcess[str]:
