@@ -35,6 +35,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from quality import design_flags
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 from lm import rundir
 from lm.cache import cache_dir
 from lm.checkpoint import load_run, model_state_dict
-from lm.config import TrainConfig, preset, with_overrides
+from lm.config import FAMILY_DESIGNS, TrainConfig, preset, with_overrides
 from lm.generate import GenerationStats, generate_tokens, prepare_for_generation
 from lm.model import GPT
 from lm.sampling import SamplingConfig
@@ -53,16 +54,7 @@ LLAMA_CPP_PYTHON = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
 TARGETS = ("llama-simple", "llama-bench", "llama-tokenize")
 LM = str(Path(sys.executable).parent / "lm")
 ROOT = Path(__file__).resolve().parents[1]
-# Each family's design, whatever the tiny preset's is.
-FAMILY_DESIGNS = {
-    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False},
-    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": False},
-    "qwen3": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True},
-}
-FAMILY_FLAGS = {family: ["--pos-encoding", design["pos_encoding"], "--norm", design["norm"], "--mlp", design["mlp"],
-                         "--bias" if design["bias"] else "--no-bias",
-                         "--qk-norm" if design["qk_norm"] else "--no-qk-norm"]
-                for family, design in FAMILY_DESIGNS.items()}
+FAMILY_FLAGS = {family: design_flags(design) for family, design in FAMILY_DESIGNS.items()}
 PROMPT = "ROMEO:"
 UNICODE = ("Ünïcödé façade, naïve café — “quotes” ‘and’ «guillemets»; 日本語のテキストと中文，한국어 텍스트; "
            "Ελληνικά, русский, العربية, עברית, हिन्दी; emoji 🕯️🔥👩‍👩‍👧 and flags 🇫🇷; "

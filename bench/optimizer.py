@@ -20,6 +20,7 @@ from statistics import median
 import torch
 from rich.console import Console
 from rich.table import Table
+from train import timed_block
 
 from lm.config import preset
 from lm.device import cpu_name
@@ -47,13 +48,7 @@ def step_timer(optimizer_name: str, args: argparse.Namespace) -> tuple[Callable[
             optimizer.zero_grad(set_to_none=True)
         optimizer_seconds.append(time.perf_counter() - started)
 
-    def block() -> float:
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        return (time.perf_counter() - started) / args.steps
-
-    return block, lambda: median(optimizer_seconds)
+    return lambda: timed_block(step, args.steps, "cpu") / args.steps, lambda: median(optimizer_seconds)
 
 
 def main() -> None:

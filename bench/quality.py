@@ -33,6 +33,12 @@ LM = str(Path(sys.executable).parent / "lm")
 NANOGPT = {"bits_per_byte": 2.703, "seconds": 61.0}  # CPU recipe, tinyshakespeare last 10%, 2-core Xeon
 
 
+def design_flags(design: dict[str, object]) -> list[str]:
+    """`lm train` options that give a run one of lm.config.FAMILY_DESIGNS, whatever the preset's design."""
+    return ["--pos-encoding", str(design["pos_encoding"]), "--norm", str(design["norm"]), "--mlp", str(design["mlp"]),
+            "--bias" if design["bias"] else "--no-bias", "--qk-norm" if design["qk_norm"] else "--no-qk-norm"]
+
+
 def split_like_nanogpt(source: Path, folder: Path) -> tuple[Path, Path]:
     """train.txt and val.txt: the first int(0.9 n) characters and the rest, exactly as nanoGPT splits."""
     text = source.read_text(encoding="utf-8")

@@ -27,14 +27,15 @@ import time
 from pathlib import Path
 
 from nanogpt import run_nanogpt
-from quality import LM, NANOGPT, split_like_nanogpt
+from quality import LM, NANOGPT, design_flags, split_like_nanogpt
 from rich.console import Console
 from rich.table import Table
 
+from lm.config import FAMILY_DESIGNS
+
 # Each recipe changes the tiny preset of its day: before the sweep, GPT-2's block, AdamW, lr 2e-3. The
 # preset is now the winner, so the earlier recipes spell out the old settings they assumed.
-GPT2 = ["--pos-encoding", "learned", "--norm", "layernorm", "--mlp", "gelu", "--bias", "--no-qk-norm"]
-LLAMA = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias", "--no-qk-norm"]
+GPT2, LLAMA = design_flags(FAMILY_DESIGNS["gpt2"]), design_flags(FAMILY_DESIGNS["llama"])
 OLD = ["--optimizer", "adamw", "--lr", "2e-3"]
 RECIPES: dict[str, list[str]] = {
     "defaults (the tiny preset)": [],

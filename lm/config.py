@@ -206,7 +206,12 @@ def _divisor_near(n: int, target: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
 
 
-MODERN_BLOCK = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True}
+# The block designs of the families lm exports (transformers and llama.cpp share their names).
+FAMILY_DESIGNS: dict[str, dict[str, Any]] = {
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": False},
+    "qwen3": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True},
+}
 
 
 def _preset(name: str, description: str, model: dict[str, Any], train: dict[str, Any]) -> Preset:
@@ -218,11 +223,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # Qwen3's block (rotary positions, RMSNorm, SwiGLU, no biases, QK-norm) and Muon, at twice the
     # learning rate AdamW alone trained best with. Exportable to transformers (Qwen3) and llama.cpp (qwen3).
     _preset("tiny", "the CPU demo: 2-3 minutes on a 2-core CPU",
-            {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 128, **MODERN_BLOCK},
+            {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 128, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 600, "batch_size": 16, "lr": 4e-3, "optimizer": "muon", "warmup_steps": 50,
              "eval_every": 150, "eval_batches": 8, "log_every": 20}),
     _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
-            {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, **MODERN_BLOCK},
+            {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 5000, "batch_size": 32, "lr": 2e-3, "optimizer": "muon", "warmup_steps": 200,
              "eval_every": 500, "eval_batches": 16, "log_every": 25}),
     _preset("gpt2", "GPT-2 small's shape, for a GPU",
@@ -230,8 +235,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             {"max_steps": 5000, "batch_size": 16, "grad_accum": 4, "lr": 6e-4, "warmup_steps": 200,
              "eval_every": 500, "eval_batches": 20, "log_every": 10, "compile": True}),
     _preset("llama", "GPT-2 small's scale, Llama's design (no biases), for a GPU",
-            {"n_layer": 12, "n_head": 12, "d_model": 768, "context_length": 1024, "pos_encoding": "rope",
-             "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+            {"n_layer": 12, "n_head": 12, "d_model": 768, "context_length": 1024, **FAMILY_DESIGNS["llama"]},
             {"max_steps": 5000, "batch_size": 16, "grad_accum": 4, "lr": 6e-4, "warmup_steps": 200,
              "eval_every": 500, "eval_batches": 20, "log_every": 10, "compile": True}),
 )}

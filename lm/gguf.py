@@ -118,11 +118,9 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
         else:
             names["mlp.gate"] = "ffn_gate"
             q, k, v = state[f"{ours}attn.qkv.weight"].split(config.d_model, dim=0)
-            # llama.cpp's qwen3 rotates lm's (i, i + d/2) pairs (its NEOX rope type); its llama does not.
-            relaid = (lambda w: w) if kind == "qwen3" else (lambda w: interleave_rope_rows(w, config.n_head))
-            out[f"{theirs}attn_q.weight"] = relaid(q)
-            out[f"{theirs}attn_k.weight"] = relaid(k)
-            out[f"{theirs}attn_v.weight"] = v
+            if kind == "llama":  # llama.cpp's llama rotates (2i, 2i + 1) pairs; its qwen3 lm's (i, i + d/2)
+                q, k = interleave_rope_rows(q, config.n_head), interleave_rope_rows(k, config.n_head)
+            out[f"{theirs}attn_q.weight"], out[f"{theirs}attn_k.weight"], out[f"{theirs}attn_v.weight"] = q, k, v
             if kind == "qwen3":
                 names.update({"attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"})
         for a, b in names.items():

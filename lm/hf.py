@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from lm import rundir
 from lm.checkpoint import load_run, model_state_dict
-from lm.config import ModelConfig, TrainConfig
+from lm.config import FAMILY_DESIGNS, ModelConfig, TrainConfig
 from lm.errors import InputError, OutputError, UsageError
 from lm.model import GPT
 from lm.tokenizer import END_OF_TEXT, Tokenizer
@@ -50,20 +50,18 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
     transformers and llama.cpp share the GPT-2, Llama and Qwen3 families, so GGUF export asks the same
     question; ReLU² GPT-2 blocks go to transformers only.
     """
-    gpt2 = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False}
-    llama = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+    designs = dict(FAMILY_DESIGNS)
     if config.mlp == "relu2" and target == "transformers":
-        gpt2["mlp"] = "relu2"  # GPT-2's config names its activation: relu2 is one transformers has
-    for name, wanted in (("gpt2", gpt2), ("llama", llama)):
+        # GPT-2's config names its activation: relu2 is one transformers has.
+        designs["gpt2"] = {**designs["gpt2"], "mlp": "relu2"}
+    for name, wanted in designs.items():
         if all(getattr(config, key) == value for key, value in wanted.items()):
-            if name == "llama" and config.qk_norm:
-                return "qwen3"
             return name
     if config.pos_encoding == "sinusoidal":
         raise UsageError("this run uses sinusoidal positions (--pos-encoding sinusoidal), which neither GPT-2 nor "
                          f"Llama in {target} has; export needs learned (GPT-2) or rope (Llama) positions")
-    closest = gpt2 if config.pos_encoding == "learned" else llama
-    name = "GPT-2" if closest is gpt2 else "Llama"
+    kind = "gpt2" if config.pos_encoding == "learned" else "qwen3" if config.qk_norm else "llama"
+    closest, name = designs[kind], {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}[kind]
     blockers = [f"--{key.replace('_', '-')} {getattr(config, key)!r} (needs {value!r})"
                 for key, value in closest.items() if getattr(config, key) != value]
     raise UsageError(f"no {target} equivalent: as {name} this run differs in {', '.join(blockers)}")
