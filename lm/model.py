@@ -20,6 +20,7 @@ from torch import nn
 
 from lm.config import ModelConfig
 from lm.linear import linear
+from lm.loss import head_cross_entropy
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +288,9 @@ class GPT(nn.Module):
     def forward(
         self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
         logits_from: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (batch, time, vocab) for `ids` (batch, time), and the mean cross-entropy if `targets`.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (batch, time, vocab), None) for `ids` (batch, time), or with `targets`, (None, the mean
+        cross-entropy): training needs only the loss, which lm.loss computes fused with the output head.
 
         With a `cache`, `ids` continue the tokens it holds: they take the next positions, attend to the
         cached keys and values as well as to each other, and are added to the cache. `logits_from` > 0
@@ -304,11 +306,10 @@ class GPT(nn.Module):
             cache.length += ids.size(1)
         if logits_from:
             x = x[:, logits_from:]
-        logits = linear(self.lm_head, self.norm(x))
+        x = self.norm(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, logits_from:].flatten())
-        return logits, loss
+            return linear(self.lm_head, x), None
+        return None, head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets[:, logits_from:].flatten())
 
     def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sample, ids (batch, 1), after the `cache`'s tokens.

@@ -1,0 +1,56 @@
+"""The training loss: cross-entropy of the next token, fused with the output head on a CPU.
+
+Training asks the model, at every position, for a probability of every token in the vocabulary
+(softmax of the logits) and scores the one that came next: loss = -log p(target), averaged. Its
+gradient with respect to the logits is simply `softmax - onehot(target)`, divided by the count.
+
+Written as `F.cross_entropy(hidden @ Wᵀ, targets)`, autograd keeps the (tokens x vocabulary) log
+probabilities for the backward pass, then zero-fills another matrix of that size, scatters into it
+and runs log-softmax's backward over it: four passes over the largest tensor of a small model's step
+(2048 x 8192 at the `tiny` preset) besides the three matrix products. `head_cross_entropy` computes
+the gradient in the forward pass instead (exponentiate the log probabilities in place, subtract one
+at each target) and keeps only the two small gradients (tokens x d_model and vocabulary x d_model):
+two passes fewer and no tensor of logits' size held between forward and backward. Same loss, same
+gradients to float rounding (a test holds them equal); measured on a 2-core Xeon it takes ~8% off
+the `tiny` preset's training step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        log_probs = torch.log_softmax(hidden @ weight.t(), dim=-1)
+        rows = torch.arange(targets.numel(), device=targets.device)
+        loss = -log_probs[rows, targets].mean()
+        grad_logits = log_probs.exp_()  # softmax, in place: the log probabilities are not needed again
+        grad_logits[rows, targets] -= 1.0
+        ctx.save_for_backward(grad_logits @ weight if ctx.needs_input_grad[0] else None,
+                              grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None)
+        ctx.count = targets.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.count
+        return (grad_hidden * scale if grad_hidden is not None else None,
+                grad_weight * scale if grad_weight is not None else None, None)
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (tokens,) under logits `hidden @ weightᵀ`; hidden (tokens, d_model).
+
+    `F.cross_entropy(F.linear(hidden, weight).float(), targets)`. The fused path applies to float32
+    on a CPU outside autocast and torch.compile, where it was measured; elsewhere the plain formula.
+    """
+    fused = (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+             and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    if fused:
+        return _HeadCrossEntropy.apply(hidden, weight, targets)
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
