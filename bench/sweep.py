@@ -67,6 +67,8 @@ RECIPES: dict[str, list[str]] = {
     "defaults, batch 8": ["--batch-size", "8"],
     "defaults, batch 8, warmup 20": ["--batch-size", "8", "--warmup-steps", "20"],
     "defaults, bfloat16 autocast": ["--dtype", "bfloat16"],
+    "defaults, context 256, batch 8": ["--context-length", "256", "--batch-size", "8"],
+    "defaults, d_model 192": ["--d-model", "192"],
 }
 
 

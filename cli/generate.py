@@ -169,6 +169,7 @@ def _print_stats(stats: GenerationStats, dtype: str, quantize: str) -> None:
     from rich.table import Table
 
     from cli.render import stderr
+    from lm.int8 import kernel_name
 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -178,7 +179,7 @@ def _print_stats(stats: GenerationStats, dtype: str, quantize: str) -> None:
     table.add_row("time to first token", f"{stats.first_token_s * 1000:,.1f} ms")
     table.add_row("decode", f"{stats.decode_tokens_per_s:,.1f} tokens/s"
                   + (" (KV cache)" if stats.cached else " (no KV cache: each step re-reads the context)"))
-    precision = dtype + (", int8 linear layers" if quantize == "int8" else "")
+    precision = dtype + (f", int8 linear layers ({kernel_name()} kernel)" if quantize == "int8" else "")
     table.add_row("device", f"{stats.device}, {precision}")
     table.add_row("seed", str(stats.seed))
     if stats.window_slides:

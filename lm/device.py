@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import platform
 import sys
-import warnings
 
 import torch
 
@@ -120,20 +119,3 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace linear layers by int8 ones (weights per output channel; activations quantized on the fly).
-
-    Decoding one token at a time reads every weight once per token, so it is limited by memory
-    traffic: int8 weights are a quarter of float32. CPU only (PyTorch's fbgemm/onednn kernels).
-    """
-    if next(model.parameters()).device.type != "cpu":
-        raise UsageError("--quantize int8 runs on the CPU; use --device cpu, or --dtype bfloat16 on a GPU")
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError:  # pragma: no cover - removed in some future torch
-        raise UsageError("this torch has no dynamic int8 quantization; use --dtype bfloat16 instead") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)

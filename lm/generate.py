@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lm.device import quantize_int8
+from lm import cpu_kernels
+from lm.cpu_decode import cpu_decoder_for
 from lm.errors import InputError
+from lm.int8 import quantize_int8
 from lm.model import GPT, KVCache, use_decoding_layout
 from lm.sampling import SamplingConfig, sample_next
 from lm.tokenizer import Tokenizer, TokenTextDecoder
@@ -56,8 +58,15 @@ class Step:
 
 
 def prepare_for_generation(model: GPT, dtype: torch.dtype = torch.float32, quantize: str = "none") -> GPT:
-    """The model in eval mode, in `dtype`, weights laid out for decoding, optionally with int8 linear layers."""
-    model = use_decoding_layout(model.to(dtype).eval())
+    """The model in eval mode, in `dtype`, weights laid out for decoding, optionally with int8 linear layers.
+
+    lm's C kernels (lm/cpu_decode.py) read float32 weights in their own row layout; PyTorch's
+    matrix-vector kernels, used everywhere else, prefer the transposed one (`use_decoding_layout`).
+    """
+    model = model.to(dtype).eval()
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not (on_cpu and dtype == torch.float32 and cpu_kernels.load() is not None):
+        model = use_decoding_layout(model)
     return quantize_int8(model) if quantize == "int8" else model
 
 
@@ -147,6 +156,7 @@ def generate_tokens(
     # decode_step skips the model's own __call__: only for a plain GPT, not one whose forward hooks do
     # work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
     lean = type(model) is GPT
+    cpu_decoder = cpu_decoder_for(model) if lean and cache is not None and decoder is None else None
 
     def run_window() -> torch.Tensor:
         """Logits after reading the whole current window (a prefill when caching)."""
@@ -183,6 +193,8 @@ def generate_tokens(
             logits = run_window()
         elif decoder is not None:
             logits = decoder.step(ids[:, None], filled - 1 - start)
+        elif cache is not None and cpu_decoder is not None:
+            logits = cpu_decoder.step(ids[:, None], cache)
         elif cache is not None and lean:
             logits = model.decode_step(ids[:, None], cache)
         elif cache is not None:

@@ -1,0 +1,97 @@
+"""lm's C kernels for decoding on a CPU (lm/cpu_kernels.c): built on first use, loaded with ctypes.
+
+The file is compiled for this machine's CPU (`cc -O3 -march=native -fopenmp`: AVX-512 VNNI, AVX2 or
+plain C, whichever the CPU has) into the cache folder, keyed by the source, the compiler and the CPU,
+so the build (about a second) happens once per machine. The build is written atomically: a process
+loading the library sees the whole file or none. Where there is no C compiler, or the build fails,
+`library()` is None (with a warning) and lm decodes with PyTorch's operations instead, as it would
+with LM_CPU_KERNELS=off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  (loads PyTorch's libgomp first: the kernels' OpenMP then uses the same threads)
+
+from lm.cache import cache_dir
+from lm.device import cpu_name
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+ENV = "LM_CPU_KERNELS"
+COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+ALIGN = 64  # int8 rows are read 64 bytes at a time: they are zero-padded to a multiple of this
+
+_pointer, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class LinearSpec(ctypes.Structure):
+    """lm_linear_t: one linear layer, float32 (`weight`) or int8 (`quantized`, `scale`, `row_sum`)."""
+
+    _fields_ = [("weight", _pointer), ("quantized", _pointer), ("scale", _pointer), ("row_sum", _pointer),
+                ("bias", _pointer), ("in_features", _i64), ("out_features", _i64), ("padded_in", _i64)]
+
+
+class BlockSpec(ctypes.Structure):
+    """lm_block_t: one transformer block's shape, design and weights."""
+
+    _fields_ = [("d_model", _i64), ("n_head", _i64), ("d_head", _i64), ("d_ff", _i64), ("context", _i64),
+                ("norm", ctypes.c_int32), ("mlp", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("norm1_weight", _pointer), ("norm1_bias", _pointer), ("norm2_weight", _pointer),
+                ("norm2_bias", _pointer), ("q_norm_weight", _pointer), ("k_norm_weight", _pointer),
+                ("qkv", LinearSpec), ("proj", LinearSpec), ("gate", LinearSpec), ("fc", LinearSpec),
+                ("down", LinearSpec)]
+
+
+def kernel_name() -> str:
+    """'avx512-vnni', 'avx2' or 'portable' (what the build found in this CPU), or 'off'."""
+    library = load()
+    return library.lm_kernel_name().decode() if library is not None else "off"
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, built into the cache folder the first time; None where they cannot be."""
+    if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no"):
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"lm's CPU kernels did not build ({error}); decoding with PyTorch's operations",
+                      stacklevel=2)
+        return None
+    library.lm_linear.argtypes = [ctypes.POINTER(LinearSpec), _pointer, _pointer, _i64, _pointer]
+    library.lm_linear.restype = None
+    library.lm_block_step.argtypes = [ctypes.POINTER(BlockSpec), _pointer, _i64, _pointer, _pointer, _i64,
+                                      _pointer, _pointer, _pointer, _pointer]
+    library.lm_block_step.restype = None
+    library.lm_kernel_name.restype = ctypes.c_char_p
+    return library
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) on the PATH")
+    # A build is specific to the source, the compiler and the CPU it was built for (-march=native).
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *COMPILE_FLAGS, cpu_name()]).encode())
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(built, target)
+    return target
