@@ -178,7 +178,8 @@ def _print_stats(stats: GenerationStats, dtype: str, quantize: str) -> None:
     table.add_row("new tokens", f"{stats.new_tokens:,}" + (f" x {stats.samples} samples" if stats.samples > 1 else ""))
     table.add_row("time to first token", f"{stats.first_token_s * 1000:,.1f} ms")
     table.add_row("decode", f"{stats.decode_tokens_per_s:,.1f} tokens/s"
-                  + (" (KV cache)" if stats.cached else " (no KV cache: each step re-reads the context)"))
+                  + (f" (KV cache, {stats.kernels})" if stats.cached
+                     else " (no KV cache: each step re-reads the context)"))
     precision = dtype + (f", int8 linear layers ({kernel_name()} kernel)" if quantize == "int8" else "")
     table.add_row("device", f"{stats.device}, {precision}")
     table.add_row("seed", str(stats.seed))

@@ -24,6 +24,17 @@ from lm.model import GPT, KVCache
 MLP_KINDS = {"gelu": 0, "swiglu": 1, "relu2": 2}
 
 
+def use_huge_pages(model: nn.Module) -> nn.Module:
+    """Move the weight matrices the decoder streams into huge-page memory (`cpu_kernels.in_huge_pages`)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = cpu_kernels.in_huge_pages(module.weight.data)  # a tied embedding follows
+            elif isinstance(module, Int8Linear):
+                module.weight = cpu_kernels.in_huge_pages(module.weight)
+    return model
+
+
 def cpu_decoder_for(model: GPT) -> CpuDecoder | None:
     """The model's CPU decoder (made once), or None where the C kernels do not apply or did not build."""
     if not CpuDecoder.supports(model):

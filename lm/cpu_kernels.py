@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch  # noqa: F401  (loads PyTorch's libgomp first: the kernels' OpenMP then uses the same threads)
+import torch  # (imported before the kernels load: they then share PyTorch's libgomp and its threads)
 
 from lm.cache import cache_dir
 from lm.device import cpu_name
@@ -95,3 +96,22 @@ def _build() -> Path:
             raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(built, target)
     return target
+
+
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in memory Linux may back with 2 MiB pages; `tensor` itself elsewhere.
+
+    Decoding streams every weight once per token: with 4 KiB pages that is a page-table walk every
+    4 KiB (23,000 per token for a 92 MB int8 model, more than the TLB holds), and the hardware
+    prefetchers stop at each page's end. On the 2-core Xeon the int8 products of a 12 x 768 model
+    took 3.15-3.47 ms per token in 2 MiB pages against 3.47-3.82 in 4 KiB ones.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or tensor.device.type != "cpu":
+        return tensor
+    size = tensor.numel() * tensor.element_size()
+    region = mmap.mmap(-1, max(size, 1))
+    region.madvise(advice)  # before the first write: the pages are then allocated huge where possible
+    # frombuffer keeps `region` alive as long as the tensor is; the copy has the same shape and values.
+    copy = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel()).view(tensor.shape)
+    return copy.copy_(tensor)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lm import cpu_kernels
-from lm.cpu_decode import cpu_decoder_for
+from lm.cpu_decode import cpu_decoder_for, use_huge_pages
 from lm.errors import InputError
 from lm.int8 import quantize_int8
 from lm.model import GPT, KVCache, use_decoding_layout
@@ -44,6 +44,7 @@ class GenerationStats:
     seed: int = 0
     device: str = ""
     cached: bool = True
+    kernels: str = "PyTorch"  # what ran the decode steps: PyTorch's operations or lm's C kernels
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -67,7 +68,8 @@ def prepare_for_generation(model: GPT, dtype: torch.dtype = torch.float32, quant
     on_cpu = next(model.parameters()).device.type == "cpu"
     if not (on_cpu and dtype == torch.float32 and cpu_kernels.load() is not None):
         model = use_decoding_layout(model)
-    return quantize_int8(model) if quantize == "int8" else model
+        return quantize_int8(model) if quantize == "int8" else model
+    return use_huge_pages(quantize_int8(model) if quantize == "int8" else model)
 
 
 class CompiledDecoder:
@@ -157,6 +159,8 @@ def generate_tokens(
     # work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
     lean = type(model) is GPT
     cpu_decoder = cpu_decoder_for(model) if lean and cache is not None and decoder is None else None
+    if cpu_decoder is not None:
+        stats.kernels = f"lm's C kernels ({cpu_kernels.kernel_name()})"
 
     def run_window() -> torch.Tensor:
         """Logits after reading the whole current window (a prefill when caching)."""
