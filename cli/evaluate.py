@@ -31,6 +31,10 @@ def command(
     stride: Annotated[int | None, typer.Option(
         "--stride", metavar="S", show_default=False,
         help="How far each window moves on [default: half the model's context].")] = None,
+    quantize: Annotated[str, typer.Option(
+        "--quantize", metavar="KIND",
+        help="none | int8: score the model with int8 linear layers, as `lm generate --quantize int8` runs it.")
+    ] = "none",
     text_field: Annotated[str, typer.Option(
         "--text-field", metavar="NAME",
         help="JSON Lines and Parquet files: the field (column) that holds each record's text.")] = "text",
@@ -65,7 +69,7 @@ def command(
                 progress.update(task, completed=done, total=total, visible=True)
 
             results.append(score_run(
-                run, sources, device=device, dtype=dtype, batch_size=batch_size, stride=stride,
+                run, sources, device=device, dtype=dtype, batch_size=batch_size, stride=stride, quantize=quantize,
                 on_encode=lambda done, _total, task=encoding: progress.update(task, completed=done),
                 on_progress=scored))
     if results and results[0].bad_records:

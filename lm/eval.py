@@ -190,11 +190,15 @@ def score_run(
     dtype: str = "auto",
     batch_size: int = 16,
     stride: int | None = None,
+    quantize: str = "none",
     cache_root: Path | None = None,
     on_encode: Callable[[int, int], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RunScore:
-    """Score the model of `run_dir` on `sources`, encoded with the run's own tokenizer (and cached)."""
+    """Score the model of `run_dir` on `sources`, encoded with the run's own tokenizer (and cached).
+
+    `quantize="int8"` scores the model as `lm generate --quantize int8` runs it (int8 linear layers).
+    """
     from lm.checkpoint import load_run
     from lm.data import token_byte_lengths, tokenize_corpus
     from lm.device import autocast, resolve_device, resolve_dtype
@@ -203,7 +207,13 @@ def score_run(
         raise UsageError(f"--batch-size must be a positive whole number, got {batch_size}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
     model, tokenizer, info = load_run(run_dir, torch_device)
+    if quantize == "int8":
+        from lm.int8 import quantize_int8
+
+        model = quantize_int8(model.eval())
     corpus = tokenize_corpus(sources, tokenizer, on_encode, cache_root=cache_root)
     byte_lengths = token_byte_lengths(tokenizer).to(torch_device)
     started = time.perf_counter()

@@ -201,3 +201,23 @@ def test_load_run_scores_what_was_saved(sample_tokenizer, tmp_path: Path) -> Non
     a = score_tokens(model, tokens, lengths, 16, eot_id=tokenizer.eot_id)
     b = score_tokens(loaded, tokens, lengths, 16, eot_id=tokenizer.eot_id)
     assert a.total.nats == pytest.approx(b.total.nats, rel=1e-6)
+
+
+def test_int8_scores_near_float32_and_bad_kinds_are_refused(sample_tokenizer, tmp_path: Path) -> None:
+    from lm.errors import UsageError
+    from lm.eval import score_run
+    from lm.textfiles import find_text_files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny_model(sample_tokenizer.vocab_size)  # confident, varied predictions: errors would show
+    save_file(model_state_dict(model), str(run / rundir.WEIGHTS))
+    sample_tokenizer.save(run / rundir.TOKENIZER)
+    rundir.write_config(run, model.config, TrainConfig(), {})
+    sources = find_text_files([str(SAMPLE)])
+    exact, int8 = (score_run(run, sources, device="cpu", quantize=kind, cache_root=tmp_path / "cache").scores.total
+                   for kind in ("none", "int8"))
+    assert int8.bits_per_byte != exact.bits_per_byte  # it did run the int8 layers
+    assert int8.bits_per_byte == pytest.approx(exact.bits_per_byte, rel=0.01)
+    with pytest.raises(UsageError, match="--quantize 'int4'"):
+        score_run(run, sources, device="cpu", quantize="int4", cache_root=tmp_path / "cache")
