@@ -45,12 +45,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of `targets` (tokens,) under logits `hidden @ weightᵀ`; hidden (tokens, d_model).
 
-    `F.cross_entropy(F.linear(hidden, weight).float(), targets)`. The fused path applies to float32
-    on a CPU outside autocast and torch.compile, where it was measured; elsewhere the plain formula.
+    `F.cross_entropy(F.linear(hidden, weight).float(), targets)`. The fused path applies on a CPU
+    outside torch.compile, where it was measured; elsewhere the plain formula. Under bfloat16 autocast
+    the fused head and loss stay in float32 (the logits' precision is what the loss is made of).
     """
-    fused = (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+    fused = (hidden.device.type == "cpu" and weight.dtype == torch.float32
              and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+             and not torch.compiler.is_compiling())
     if fused:
-        return _HeadCrossEntropy.apply(hidden, weight, targets)
+        with torch.autocast("cpu", enabled=False):
+            return _HeadCrossEntropy.apply(hidden.float(), weight, targets)
     return F.cross_entropy(F.linear(hidden, weight).float(), targets)
