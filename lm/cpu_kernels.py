@@ -28,7 +28,7 @@ from lm.device import cpu_name
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ENV = "LM_CPU_KERNELS"
-COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 ALIGN = 64  # int8 rows are read 64 bytes at a time: they are zero-padded to a multiple of this
 
 _pointer, _i64 = ctypes.c_void_p, ctypes.c_int64
@@ -64,11 +64,15 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no"):
         return None
     try:
-        library = ctypes.CDLL(str(_build()))
+        return open_library(build())
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"lm's CPU kernels did not build ({error}); decoding with PyTorch's operations",
                       stacklevel=2)
         return None
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
     library.lm_linear.argtypes = [ctypes.POINTER(LinearSpec), _pointer, _pointer, _i64, _pointer]
     library.lm_linear.restype = None
     library.lm_block_step.argtypes = [ctypes.POINTER(BlockSpec), _pointer, _i64, _pointer, _pointer, _i64,
@@ -78,19 +82,21 @@ def load() -> ctypes.CDLL | None:
     return library
 
 
-def _build() -> Path:
+def build(march: str = "native") -> Path:
+    """The kernels compiled for `march` (this CPU by default; tests also build the AVX2 and plain-C ones)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on the PATH")
+    flags = [*COMPILE_FLAGS, f"-march={march}"]
     # A build is specific to the source, the compiler and the CPU it was built for (-march=native).
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *COMPILE_FLAGS, cpu_name()]).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, cpu_name()]).encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -1,5 +1,7 @@
 """lm's C decode step (lm/cpu_decode.py) computes what the model's own forward pass does."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +52,47 @@ def test_the_decoder_does_not_take_weights_in_the_transposed_layout() -> None:
                                                 d_model=32)).eval())
     assert not CpuDecoder.supports(model)
     assert cpu_decoder_for(model) is None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+@pytest.mark.parametrize(("march", "name", "needs"), [("x86-64-v3", "avx2", {"avx2", "fma"}),
+                                                      ("x86-64", "portable", set())])
+def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, name: str, needs: set) -> None:
+    """Other CPUs get other code paths: build them here and hold their products equal to this CPU's."""
+    import ctypes
+    import platform
+
+    from torch import nn
+
+    from lm.int8 import Int8Linear
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run the {march} build")
+    other = cpu_kernels.open_library(cpu_kernels.build(march))
+    assert other.lm_kernel_name().decode() == name
+    native = cpu_kernels.load()
+    generator = torch.Generator().manual_seed(0)
+    dense = nn.Linear(200, 36)  # 200: not a multiple of 16 floats, nor of 64 bytes
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(36, 200, generator=generator))
+    quantized = Int8Linear(dense)
+    float_spec = cpu_kernels.LinearSpec(dense.weight.data_ptr(), None, None, None, dense.bias.data_ptr(), 200, 36, 200)
+    for rows in (1, 3):  # one row takes the four-rows-per-pass path, several rows the other
+        x = torch.randn(rows, 200, generator=generator)
+        for spec, exact in ((quantized.spec(), True), (float_spec, False)):
+            outputs = []
+            for library in (native, other):
+                out = torch.empty(rows, 36)
+                library.lm_linear(ctypes.byref(spec), x.data_ptr(), out.data_ptr(), rows, quantized.scratch(rows))
+                outputs.append(out)
+            if exact:  # integer sums: the same in any order
+                torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+            else:
+                torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-4)
