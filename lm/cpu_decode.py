@@ -1,11 +1,12 @@
-"""The decode step on a CPU in lm's C kernels: each block is one call instead of ~30 PyTorch operations.
+"""The decode step on a CPU in lm's C kernels: one call per token instead of ~400 PyTorch operations.
 
 `GPT.decode_step` computes a new token's logits with PyTorch operations; at batch 1 on a CPU each of
 them costs microseconds of dispatch besides its arithmetic, 2.3-3.6 ms per token for a 12-layer model
 on a 2-core Xeon, a tenth to a third of the step. `CpuDecoder.step` computes the same logits (a test
-holds them equal) with one call per block into lm/cpu_kernels.c: norms, the q/k/v product, QK-norm,
-rotary positions, the cache write, attention over the cached positions, the output product, the MLP,
-both residual additions. Float32 weights are read in place (the model's own tensors); int8 layers
+holds them equal) in one call into lm/cpu_kernels.c: the embedding row (and position), then for each
+block its norms, the q/k/v product, QK-norm, rotary positions, the cache write, attention over the
+cached positions, the output product, the MLP and both residual additions, then the final norm and
+the output head. Float32 weights are read in place (the model's own tensors); int8 layers
 (`lm.int8.Int8Linear`) are read in their int8 form.
 """
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from lm import cpu_kernels
-from lm.cpu_kernels import BlockSpec, LinearSpec
+from lm.cpu_kernels import BlockSpec, LinearSpec, ModelSpec
 from lm.int8 import Int8Linear
 from lm.model import GPT, KVCache
 
@@ -51,11 +52,28 @@ class CpuDecoder:
         library = cpu_kernels.load()
         assert library is not None
         self.library, self.model, config = library, model, model.config
-        self.blocks = [self._block_spec(block) for block in model.blocks]
-        self.head = _linear_spec(model.lm_head)
+        blocks = [self._block_spec(block) for block in model.blocks]
+        self._blocks = (BlockSpec * len(blocks))(*blocks)
+        self._tables = self._position_tables()
+        positions = self._tables.get("positions")
+        cos, sin = self._tables.get("cos"), self._tables.get("sin")
+        self.spec = ModelSpec(
+            config.n_layer, config.d_model, config.vocab_size, config.context_length, config.n_head, config.d_head,
+            1 if config.norm == "rmsnorm" else 0, config.norm_eps, _pointer(model.tok_emb.weight),
+            _pointer(positions), _pointer(cos), _pointer(sin), _pointer(model.norm.weight),
+            _pointer(getattr(model.norm, "bias", None)), self._blocks, _linear_spec(model.lm_head))
         self._work = torch.empty(0)
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._room = max(config.d_model, config.d_ff) + cpu_kernels.ALIGN
+
+    def _position_tables(self) -> dict[str, torch.Tensor]:
+        """Contiguous float32 tables the kernel reads by position (kept alive here)."""
+        model, kind = self.model, self.model.config.pos_encoding
+        if kind == "learned":
+            return {"positions": model.pos_emb.weight.detach().contiguous()}
+        if kind == "sinusoidal":
+            return {"positions": model.pos_table.contiguous()}
+        return {"cos": model.rope_cos.contiguous(), "sin": model.rope_sin.contiguous()}
 
     @staticmethod
     def supports(model: GPT) -> bool:
@@ -64,22 +82,19 @@ class CpuDecoder:
         float32 = all(isinstance(m, Int8Linear) or (m.weight.dtype == torch.float32 and m.weight.is_contiguous())
                       for m in linears)
         return (param.device.type == "cpu" and param.dtype == torch.float32 and float32
+                and model.tok_emb.weight.is_contiguous()
                 and all(type(m) in (nn.Linear, Int8Linear) for m in linears)
                 and model.config.mlp in MLP_KINDS and not model.training and cpu_kernels.load() is not None)
 
     def _block_spec(self, block: nn.Module) -> BlockSpec:
         config, attn, mlp = self.model.config, block.attn, block.mlp
-
-        def pointer(tensor: torch.Tensor | None) -> int | None:
-            return None if tensor is None else tensor.data_ptr()
-
         return BlockSpec(
             config.d_model, config.n_head, config.d_head, config.d_ff, config.context_length,
             1 if config.norm == "rmsnorm" else 0, MLP_KINDS[config.mlp], config.norm_eps,
-            pointer(block.norm1.weight), pointer(getattr(block.norm1, "bias", None)),
-            pointer(block.norm2.weight), pointer(getattr(block.norm2, "bias", None)),
-            pointer(attn.q_norm.weight if attn.q_norm is not None else None),
-            pointer(attn.k_norm.weight if attn.k_norm is not None else None),
+            _pointer(block.norm1.weight), _pointer(getattr(block.norm1, "bias", None)),
+            _pointer(block.norm2.weight), _pointer(getattr(block.norm2, "bias", None)),
+            _pointer(attn.q_norm.weight if attn.q_norm is not None else None),
+            _pointer(attn.k_norm.weight if attn.k_norm is not None else None),
             _linear_spec(attn.qkv), _linear_spec(attn.proj),
             _linear_spec(mlp.gate) if config.mlp == "swiglu" else LinearSpec(), _linear_spec(mlp.fc),
             _linear_spec(mlp.proj))
@@ -93,32 +108,32 @@ class CpuDecoder:
             raise ValueError(f"position {position} is past the context length {config.context_length}")
         if cache.keys.dtype != torch.float32 or not cache.keys.is_contiguous():
             raise ValueError("the CPU decoder needs a contiguous float32 cache")
-        x = self.model.embed(ids, slice(position, position + 1)).reshape(batch, config.d_model).contiguous()
-        rope = self.model._rope(slice(position, position + 1))
-        cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
-        work, scratch = self._buffers(batch)
-        layer_floats = cache.keys[0].numel()
-        for index, spec in enumerate(self.blocks):
-            offset = index * layer_floats * 4
-            self.library.lm_block_step(ctypes.byref(spec), x.data_ptr(), batch, cache.keys.data_ptr() + offset,
-                                       cache.values.data_ptr() + offset, position,
-                                       None if cos is None else cos.data_ptr(),
-                                       None if sin is None else sin.data_ptr(), work, scratch)
-        cache.length = position + 1
-        hidden = self.model.norm(x).contiguous()
+        ids = ids.reshape(batch).to(torch.int64).contiguous()
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size})")
         logits = torch.empty(batch, config.vocab_size)
-        self.library.lm_linear(ctypes.byref(self.head), hidden.data_ptr(), logits.data_ptr(), batch, scratch)
+        work, scratch, x = self._buffers(batch)
+        self.library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
+                                     cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch)
+        cache.length = position + 1
         return logits
 
-    def _buffers(self, batch: int) -> tuple[int, int]:
+    def _buffers(self, batch: int) -> tuple[int, int, int]:
+        """Addresses of the kernel's work floats, its int8 scratch, and room for the residual stream."""
         config = self.model.config
-        floats = batch * (6 * config.d_model + 2 * config.d_ff + config.n_head * config.context_length)
+        floats = batch * (7 * config.d_model + 2 * config.d_ff + config.n_head * config.context_length)
         if self._work.numel() < floats:
             self._work = torch.empty(floats)
         room = batch * self._room + 4 * batch + 2 * cpu_kernels.ALIGN
         if self._scratch.numel() < room:
             self._scratch = torch.empty(room, dtype=torch.uint8)
-        return self._work.data_ptr(), self._scratch.data_ptr()
+        residual = self._work.data_ptr() + 4 * batch * (6 * config.d_model + 2 * config.d_ff
+                                                        + config.n_head * config.context_length)
+        return self._work.data_ptr(), self._scratch.data_ptr(), residual
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _linear_spec(layer: nn.Module) -> LinearSpec:

@@ -53,6 +53,18 @@ typedef struct {
     lm_linear_t qkv, proj, gate, fc, down;                                /* gate unused unless SwiGLU */
 } lm_block_t;
 
+typedef struct {
+    int64_t n_layer, d_model, vocab, context, n_head, d_head;
+    int32_t norm; /* the final norm: 0 LayerNorm, 1 RMSNorm */
+    float eps;
+    const float *token_embedding;    /* (vocab, d_model) */
+    const float *position_embedding; /* (context, d_model): learned or sinusoidal, or NULL */
+    const float *rope_cos, *rope_sin; /* (context, d_head), or NULL */
+    const float *norm_weight, *norm_bias;
+    const lm_block_t *blocks; /* n_layer of them */
+    lm_linear_t head;
+} lm_model_t;
+
 /* ---- dot products ------------------------------------------------------------------------- */
 
 static float dot_f32(const float *a, const float *b, int64_t k) {
@@ -327,4 +339,28 @@ void lm_block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, fl
     }
     lm_linear(&b->down, hidden, out, batch, scratch);
     for (int64_t i = 0; i < batch * d; i++) x[i] += out[i];
+}
+
+/* One new token per sample through the whole model: embedding, every block, final norm, output head.
+   ids (batch); keys and values: the cache, (n_layer, batch, n_head, context, d_head); logits
+   (batch, vocab); x: batch * d_model floats of room; work and scratch as for lm_block_step. */
+void lm_decode_token(const lm_model_t *m, const int64_t *ids, int64_t batch, float *keys, float *values,
+                     int64_t position, float *logits, float *x, float *work, uint8_t *scratch) {
+    const int64_t d = m->d_model, layer_floats = batch * m->n_head * m->context * m->d_head;
+    for (int64_t r = 0; r < batch; r++) {
+        memcpy(x + r * d, m->token_embedding + ids[r] * d, (size_t)d * sizeof(float));
+        if (m->position_embedding)
+            for (int64_t i = 0; i < d; i++) x[r * d + i] += m->position_embedding[position * d + i];
+    }
+    const float *cos_row = m->rope_cos ? m->rope_cos + position * m->d_head : NULL;
+    const float *sin_row = m->rope_sin ? m->rope_sin + position * m->d_head : NULL;
+    for (int64_t layer = 0; layer < m->n_layer; layer++)
+        lm_block_step(&m->blocks[layer], x, batch, keys + layer * layer_floats, values + layer * layer_floats,
+                      position, cos_row, sin_row, work, scratch);
+    float *h = work;
+    for (int64_t r = 0; r < batch; r++) {
+        if (m->norm == 1) rms_norm(x + r * d, h + r * d, d, m->norm_weight, m->eps);
+        else layer_norm(x + r * d, h + r * d, d, m->norm_weight, m->norm_bias, m->eps);
+    }
+    lm_linear(&m->head, h, logits, batch, scratch);
 }

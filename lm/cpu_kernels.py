@@ -52,6 +52,16 @@ class BlockSpec(ctypes.Structure):
                 ("down", LinearSpec)]
 
 
+class ModelSpec(ctypes.Structure):
+    """lm_model_t: the embeddings, positions, blocks, final norm and output head of a model."""
+
+    _fields_ = [("n_layer", _i64), ("d_model", _i64), ("vocab", _i64), ("context", _i64), ("n_head", _i64),
+                ("d_head", _i64), ("norm", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("token_embedding", _pointer), ("position_embedding", _pointer), ("rope_cos", _pointer),
+                ("rope_sin", _pointer), ("norm_weight", _pointer), ("norm_bias", _pointer),
+                ("blocks", ctypes.POINTER(BlockSpec)), ("head", LinearSpec)]
+
+
 def kernel_name() -> str:
     """'avx512-vnni', 'avx2' or 'portable' (what the build found in this CPU), or 'off'."""
     library = load()
@@ -78,6 +88,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     library.lm_block_step.argtypes = [ctypes.POINTER(BlockSpec), _pointer, _i64, _pointer, _pointer, _i64,
                                       _pointer, _pointer, _pointer, _pointer]
     library.lm_block_step.restype = None
+    library.lm_decode_token.argtypes = [ctypes.POINTER(ModelSpec), _pointer, _i64, _pointer, _pointer, _i64,
+                                        _pointer, _pointer, _pointer, _pointer]
+    library.lm_decode_token.restype = None
     library.lm_kernel_name.restype = ctypes.c_char_p
     return library
 
