@@ -77,19 +77,31 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad, weight.t())  # dL/dx = g W
-        if ctx.needs_input_grad[1] or ctx.has_bias:
-            grad_2d, x_2d = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))
-            if ctx.needs_input_grad[1]:
-                # dL/dW = gᵀ x. oneDNN is fastest when the wider of the two matrices is the weight
-                # operand, so a wide layer (more outputs than inputs) computes (xᵀ g)ᵀ instead.
-                wide = weight.size(0) > weight.size(1)
-                grad_weight = _onednn(x_2d.t(), grad_2d.t()).t() if wide else _onednn(grad_2d.t(), x_2d.t())
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = grad_2d.sum(0)
-        return grad_x, grad_weight, grad_bias
+        grad_2d, x_2d = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))
+        grad_x, grad_weight = backward_products(grad_2d, x_2d, weight, "onednn", ctx.needs_input_grad[0],
+                                                ctx.needs_input_grad[1])
+        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None if grad_x is None else grad_x.view(x.shape), grad_weight, grad_bias
+
+
+def forward_product(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x @ weightᵀ by `kernel` ('onednn' or 'default'); x (rows, in)."""
+    return _onednn(x, weight) if kernel == "onednn" else x @ weight.t()
+
+
+def backward_products(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel: str,
+                      need_x: bool = True, need_weight: bool = True) -> tuple[torch.Tensor | None, ...]:
+    """dL/dx = g W and dL/dW = gᵀ x for y = x Wᵀ, by `kernel`; g (rows, out), x (rows, in)."""
+    if kernel != "onednn":
+        return (grad @ weight if need_x else None), (grad.t() @ x if need_weight else None)
+    grad_x = _onednn(grad, weight.t()) if need_x else None
+    grad_weight = None
+    if need_weight:
+        # oneDNN is fastest when the wider of the two matrices is the weight operand, so a wide layer
+        # (more outputs than inputs) computes (xᵀ g)ᵀ instead.
+        wide = weight.size(0) > weight.size(1)
+        grad_weight = _onednn(x.t(), grad.t()).t() if wide else _onednn(grad.t(), x.t())
+    return grad_x, grad_weight
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,9 @@ def plain_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return loss.detach(), hidden.grad, weight.grad
 
 
-def test_fused_head_cross_entropy_matches_the_plain_formula() -> None:
+@pytest.mark.parametrize("kernel", ["onednn", "default"])  # the products by either of lm/linear.py's kernels
+def test_fused_head_cross_entropy_matches_the_plain_formula(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LM_CPU_MATMUL", kernel)
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(37, 16, generator=generator), torch.randn(53, 16, generator=generator)
     targets = torch.randint(0, 53, (37,), generator=generator)
