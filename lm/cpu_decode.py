@@ -13,6 +13,7 @@ the output head. Float32 weights are read in place (the model's own tensors); in
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import nn
@@ -36,25 +37,36 @@ def use_huge_pages(model: nn.Module) -> nn.Module:
     return model
 
 
+# Each model's decoder, kept while the model lives (outside it: copying or saving a model never meets
+# the C structures), with the addresses of the tensors it points into when it was made.
+_decoders: weakref.WeakKeyDictionary[GPT, tuple[tuple[int, ...], CpuDecoder]] = weakref.WeakKeyDictionary()
+
+
 def cpu_decoder_for(model: GPT) -> CpuDecoder | None:
-    """The model's CPU decoder (made once), or None where the C kernels do not apply or did not build."""
+    """The model's CPU decoder, or None where the C kernels do not apply or did not build.
+
+    Made once per model, and made again if any of its tensors has moved since (a layer replaced by an
+    int8 one, weights reassigned): the decoder reads them through raw addresses.
+    """
     if not CpuDecoder.supports(model):
         return None
-    decoder = getattr(model, "_cpu_decoder", None)
-    if decoder is None:
-        decoder = CpuDecoder(model)
-        object.__setattr__(model, "_cpu_decoder", decoder)  # not a submodule: no state_dict entry
-    return decoder
+    addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    known = _decoders.get(model)
+    if known is None or known[0] != addresses:
+        known = _decoders[model] = (addresses, CpuDecoder(model))
+    return known[1]
 
 
 class CpuDecoder:
     def __init__(self, model: GPT) -> None:
         library = cpu_kernels.load()
         assert library is not None
-        self.library, self.model, config = library, model, model.config
+        self.library, config = library, model.config
+        self._model = weakref.ref(model)  # the decoder lives while the model does (see _decoders)
+        self.config = config
         blocks = [self._block_spec(block) for block in model.blocks]
         self._blocks = (BlockSpec * len(blocks))(*blocks)
-        self._tables = self._position_tables()
+        self._tables = self._position_tables(model)
         positions = self._tables.get("positions")
         cos, sin = self._tables.get("cos"), self._tables.get("sin")
         self.spec = ModelSpec(
@@ -66,9 +78,9 @@ class CpuDecoder:
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._room = max(config.d_model, config.d_ff) + cpu_kernels.ALIGN
 
-    def _position_tables(self) -> dict[str, torch.Tensor]:
+    def _position_tables(self, model: GPT) -> dict[str, torch.Tensor]:
         """Contiguous float32 tables the kernel reads by position (kept alive here)."""
-        model, kind = self.model, self.model.config.pos_encoding
+        kind = model.config.pos_encoding
         if kind == "learned":
             return {"positions": model.pos_emb.weight.detach().contiguous()}
         if kind == "sinusoidal":
@@ -87,7 +99,7 @@ class CpuDecoder:
                 and model.config.mlp in MLP_KINDS and not model.training and cpu_kernels.load() is not None)
 
     def _block_spec(self, block: nn.Module) -> BlockSpec:
-        config, attn, mlp = self.model.config, block.attn, block.mlp
+        config, attn, mlp = self.config, block.attn, block.mlp
         return BlockSpec(
             config.d_model, config.n_head, config.d_head, config.d_ff, config.context_length,
             1 if config.norm == "rmsnorm" else 0, MLP_KINDS[config.mlp], config.norm_eps,
@@ -101,7 +113,9 @@ class CpuDecoder:
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """`model.decode_step(ids, cache)`: logits (batch, vocab) for one new token per sample, ids (batch, 1)."""
-        config, position, batch = self.model.config, cache.length, ids.size(0)
+        config, position, batch = self.config, cache.length, ids.size(0)
+        if self._model() is None:
+            raise ValueError("the model this decoder was made for is gone")
         if cache.static:
             raise ValueError("the CPU decoder writes the default cache; a static cache goes through forward()")
         if position >= config.context_length:
@@ -120,7 +134,7 @@ class CpuDecoder:
 
     def _buffers(self, batch: int) -> tuple[int, int, int]:
         """Addresses of the kernel's work floats, its int8 scratch, and room for the residual stream."""
-        config = self.model.config
+        config = self.config
         floats = batch * (7 * config.d_model + 2 * config.d_ff + config.n_head * config.context_length)
         if self._work.numel() < floats:
             self._work = torch.empty(floats)

@@ -96,3 +96,28 @@ def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, na
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
             else:
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_quantized_after_decoding_gets_a_new_decoder_and_copies_are_plain() -> None:
+    """The decoder reads raw addresses: replacing layers must not leave it reading freed weights."""
+    import copy
+
+    from lm.int8 import quantize_int8
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, context_length=8, n_layer=1, n_head=2, d_model=32)
+    model = prepare_for_generation(GPT(config))
+    first = cpu_decoder_for(model)
+    assert cpu_decoder_for(model) is first  # made once
+    duplicate = copy.deepcopy(model)  # no C structures ride along
+    quantize_int8(model)
+    second = cpu_decoder_for(model)
+    assert second is not first
+    ids = torch.randint(0, 61, (1, 5))
+    with torch.inference_mode():
+        for m, decoder in ((model, second), (duplicate, cpu_decoder_for(duplicate))):
+            general, native = KVCache(config, 1), KVCache(config, 1)
+            m(ids[:, :4], cache=general)
+            m(ids[:, :4], cache=native)
+            torch.testing.assert_close(decoder.step(ids[:, 4:], native), m(ids[:, 4:], cache=general)[0][:, -1],
+                                       atol=2e-5, rtol=1e-5)
