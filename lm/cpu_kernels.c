@@ -1,10 +1,11 @@
 /* CPU kernels for decoding (lm/cpu_kernels.py builds and loads this file): matrix-vector products in
-   float32 and int8, and one whole transformer block for one new token per sample.
+   float32 and int8, one transformer block, and the whole model for one new token per sample.
 
    Decoding a token reads every weight once, so its speed is the rate at which the cores stream the
    weights from memory; everything else in the step is a few thousand numbers per layer. PyTorch
    spends microseconds of dispatch on each of the ~30 small operations per block, which at batch 1
-   came to as much as a third of the step for a 91M-parameter model. Here a block is one call.
+   came to as much as a third of the step for a 91M-parameter model. Here a whole token (embedding,
+   every block, final norm, head) is one call.
 
    Linear layers, y[m, n] = x[m, :] . w[n, :] (+ bias[n]):
    - float32: rows of w read once, dot products 16 floats at a time (AVX-512; 8 with AVX2).
