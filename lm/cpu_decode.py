@@ -76,7 +76,6 @@ class CpuDecoder:
             _pointer(getattr(model.norm, "bias", None)), self._blocks, _linear_spec(model.lm_head))
         self._work = torch.empty(0)
         self._scratch = torch.empty(0, dtype=torch.uint8)
-        self._room = max(config.d_model, config.d_ff) + cpu_kernels.ALIGN
 
     def _position_tables(self, model: GPT) -> dict[str, torch.Tensor]:
         """Contiguous float32 tables the kernel reads by position (kept alive here)."""
@@ -123,26 +122,25 @@ class CpuDecoder:
         if cache.keys.dtype != torch.float32 or not cache.keys.is_contiguous():
             raise ValueError("the CPU decoder needs a contiguous float32 cache")
         ids = ids.reshape(batch).to(torch.int64).contiguous()
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {config.vocab_size})")
         logits = torch.empty(batch, config.vocab_size)
         work, scratch, x = self._buffers(batch)
-        self.library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
-                                     cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch)
+        if self.library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
+                                        cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch):
+            raise ValueError(f"token ids must be in [0, {config.vocab_size})")  # checked before any write
         cache.length = position + 1
         return logits
 
     def _buffers(self, batch: int) -> tuple[int, int, int]:
         """Addresses of the kernel's work floats, its int8 scratch, and room for the residual stream."""
         config = self.config
-        floats = batch * (7 * config.d_model + 2 * config.d_ff + config.n_head * config.context_length)
-        if self._work.numel() < floats:
-            self._work = torch.empty(floats)
-        room = batch * self._room + 4 * batch + 2 * cpu_kernels.ALIGN
+        # A block's work floats (cpu_kernels.c, block_step), then the residual stream's.
+        block_floats = batch * (6 * config.d_model + 2 * config.d_ff + config.n_head * config.context_length)
+        if self._work.numel() < block_floats + batch * config.d_model:
+            self._work = torch.empty(block_floats + batch * config.d_model)
+        room = cpu_kernels.scratch_bytes(batch, max(config.d_model, config.d_ff))
         if self._scratch.numel() < room:
             self._scratch = torch.empty(room, dtype=torch.uint8)
-        residual = self._work.data_ptr() + 4 * batch * (6 * config.d_model + 2 * config.d_ff
-                                                        + config.n_head * config.context_length)
+        residual = self._work.data_ptr() + 4 * block_floats
         return self._work.data_ptr(), self._scratch.data_ptr(), residual
 
 

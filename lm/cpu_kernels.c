@@ -277,9 +277,9 @@ static void rope(float *x, const float *cos_row, const float *sin_row, int64_t d
 /* x (batch, d_model) is updated in place; keys and values: this layer's cache, (batch, n_head, context,
    d_head); cos_row and sin_row: the position's rotary angles (d_head), NULL without rotary positions.
    work: batch * (6 * d_model + 2 * d_ff + n_head * context) floats; scratch (int8 layers' quantized
-   activations): batch * (max(d_model, d_ff) + 64) + 4 * batch + 128 bytes, 64-byte aligned. */
-void lm_block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, float *values, int64_t position,
-                   const float *cos_row, const float *sin_row, float *work, uint8_t *scratch) {
+   activations): cpu_kernels.scratch_bytes(batch, max(d_model, d_ff)) bytes, 64-byte aligned. */
+static void block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, float *values, int64_t position,
+                       const float *cos_row, const float *sin_row, float *work, uint8_t *scratch) {
     const int64_t d = b->d_model, heads = b->n_head, dh = b->d_head, ff = b->d_ff, T = b->context;
     float *h = work, *qkv = h + batch * d, *attended = qkv + batch * 3 * d, *out = attended + batch * d;
     float *hidden = out + batch * d, *gate = hidden + batch * ff, *scores = gate + batch * ff;
@@ -344,10 +344,13 @@ void lm_block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, fl
 
 /* One new token per sample through the whole model: embedding, every block, final norm, output head.
    ids (batch); keys and values: the cache, (n_layer, batch, n_head, context, d_head); logits
-   (batch, vocab); x: batch * d_model floats of room; work and scratch as for lm_block_step. */
-void lm_decode_token(const lm_model_t *m, const int64_t *ids, int64_t batch, float *keys, float *values,
-                     int64_t position, float *logits, float *x, float *work, uint8_t *scratch) {
+   (batch, vocab); x: batch * d_model floats of room; work and scratch as for block_step. Returns 0, or
+   1 without touching anything when an id is outside the vocabulary. */
+int lm_decode_token(const lm_model_t *m, const int64_t *ids, int64_t batch, float *keys, float *values,
+                    int64_t position, float *logits, float *x, float *work, uint8_t *scratch) {
     const int64_t d = m->d_model, layer_floats = batch * m->n_head * m->context * m->d_head;
+    for (int64_t r = 0; r < batch; r++)
+        if (ids[r] < 0 || ids[r] >= m->vocab) return 1;
     for (int64_t r = 0; r < batch; r++) {
         memcpy(x + r * d, m->token_embedding + ids[r] * d, (size_t)d * sizeof(float));
         if (m->position_embedding)
@@ -356,12 +359,13 @@ void lm_decode_token(const lm_model_t *m, const int64_t *ids, int64_t batch, flo
     const float *cos_row = m->rope_cos ? m->rope_cos + position * m->d_head : NULL;
     const float *sin_row = m->rope_sin ? m->rope_sin + position * m->d_head : NULL;
     for (int64_t layer = 0; layer < m->n_layer; layer++)
-        lm_block_step(&m->blocks[layer], x, batch, keys + layer * layer_floats, values + layer * layer_floats,
-                      position, cos_row, sin_row, work, scratch);
+        block_step(&m->blocks[layer], x, batch, keys + layer * layer_floats, values + layer * layer_floats,
+                   position, cos_row, sin_row, work, scratch);
     float *h = work;
     for (int64_t r = 0; r < batch; r++) {
         if (m->norm == 1) rms_norm(x + r * d, h + r * d, d, m->norm_weight, m->eps);
         else layer_norm(x + r * d, h + r * d, d, m->norm_weight, m->norm_bias, m->eps);
     }
     lm_linear(&m->head, h, logits, batch, scratch);
+    return 0;
 }

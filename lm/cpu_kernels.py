@@ -62,6 +62,13 @@ class ModelSpec(ctypes.Structure):
                 ("blocks", ctypes.POINTER(BlockSpec)), ("head", LinearSpec)]
 
 
+def scratch_bytes(rows: int, width: int) -> int:
+    """Room the int8 products need for `rows` activation rows of up to `width` values: the rows quantized
+    (padded to ALIGN each), then their float scales at the next ALIGN boundary."""
+    padded = -(-width // ALIGN) * ALIGN
+    return -(-rows * padded // ALIGN) * ALIGN + 4 * rows
+
+
 def kernel_name() -> str:
     """'avx512-vnni', 'avx2' or 'portable' (what the build found in this CPU), or 'off'."""
     library = load()
@@ -85,12 +92,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.lm_linear.argtypes = [ctypes.POINTER(LinearSpec), _pointer, _pointer, _i64, _pointer]
     library.lm_linear.restype = None
-    library.lm_block_step.argtypes = [ctypes.POINTER(BlockSpec), _pointer, _i64, _pointer, _pointer, _i64,
-                                      _pointer, _pointer, _pointer, _pointer]
-    library.lm_block_step.restype = None
     library.lm_decode_token.argtypes = [ctypes.POINTER(ModelSpec), _pointer, _i64, _pointer, _pointer, _i64,
                                         _pointer, _pointer, _pointer, _pointer]
-    library.lm_decode_token.restype = None
+    library.lm_decode_token.restype = ctypes.c_int
     library.lm_kernel_name.restype = ctypes.c_char_p
     return library
 

@@ -79,7 +79,7 @@ class Int8Linear(nn.Module):
 
     def scratch(self, rows: int) -> int:
         """The address of room for `rows` quantized activation rows and their scales."""
-        needed = rows * self.weight.size(1) + 4 * rows + 2 * cpu_kernels.ALIGN
+        needed = cpu_kernels.scratch_bytes(rows, self.in_features)
         if self._scratch.numel() < needed:
             self._scratch = torch.empty(needed, dtype=torch.uint8)
         return self._scratch.data_ptr()

@@ -43,6 +43,10 @@ def test_cpu_decoder_computes_what_forward_does(quantize: str, family: str, batc
     torch.testing.assert_close(native.keys, general.keys, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="context length"):
         decoder.step(ids[:, :1], native)  # full: refused, not written out of bounds
+    native.length = 3
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 61\)"):
+        decoder.step(torch.full((batch, 1), 61), native)  # past the vocabulary: refused before any write
+    assert native.length == 3
 
 
 def test_the_decoder_does_not_take_weights_in_the_transposed_layout() -> None:
