@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -33,6 +34,40 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest() -> None:
     assert "tok_emb.weight" in in_adamw and not in_muon & in_adamw
     assert len(in_muon) + len(in_adamw) == len(list(model.parameters()))
     assert len(make_optimizers(model, TrainConfig(), torch.device("cpu"))) == 1
+
+
+def test_threaded_muon_steps_exactly_as_one_torch_muon() -> None:
+    """Muon's matrices stepped in shards on two threads: the same weights and the same state as one Muon."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32))
+    models = [model, copy.deepcopy(model)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded, plain = (make_optimizers(m, TrainConfig(optimizer="muon"), torch.device("cpu"))[0] for m in models)
+        plain.step = lambda: torch.optim.Muon.step(plain)  # type: ignore[method-assign]
+        generator = torch.Generator().manual_seed(1)
+        for lr in (1e-2, 5e-3, 2e-3, 1e-3):  # a changing rate reaches every shard
+            if lr == 2e-3:  # as a resume does: the loaded state replaces the optimizer's state dict
+                threaded.load_state_dict(copy.deepcopy(threaded.state_dict()))
+            for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+                p.grad = torch.randn(p.shape, generator=generator)
+                q.grad = p.grad.clone()
+            for optimizer in (threaded, plain):
+                optimizer.param_groups[0]["lr"] = lr
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert threaded._shards is not None and len(threaded._shards) == 2
+    shard_params = [{id(p) for g in shard.param_groups for p in g["params"]} for shard, _ in threaded._shards]
+    assert shard_params[0] and shard_params[1] and not shard_params[0] & shard_params[1]
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    saved, reference = threaded.state_dict(), plain.state_dict()
+    assert saved["param_groups"][0]["params"] == reference["param_groups"][0]["params"]
+    assert saved["state"].keys() == reference["state"].keys()
+    for key, state in saved["state"].items():
+        torch.testing.assert_close(state["momentum_buffer"], reference["state"][key]["momentum_buffer"])
 
 
 def test_muon_learns(sample_tokenizer, play_text: Path, tmp_path: Path) -> None:
