@@ -79,6 +79,8 @@ RECIPES: dict[str, list[str]] = {
     "defaults, cosine decay (warmdown 0)": ["--warmdown", "0"],
     "defaults, warmdown 0.5": ["--warmdown", "0.5"],
     "defaults, warmdown 0.7": ["--warmdown", "0.7"],
+    "defaults, muon 4 newton-schulz steps": ["--muon-ns-steps", "4"],
+    "defaults, muon 3 newton-schulz steps": ["--muon-ns-steps", "3"],
 }
 
 

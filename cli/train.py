@@ -109,6 +109,10 @@ def command(
     muon_lr_scale: Annotated[float | None, typer.Option(
         "--muon-lr-scale", metavar="X", rich_help_panel=TRAIN, help="Muon's learning rate as a multiple of --lr.")
     ] = None,
+    muon_ns_steps: Annotated[int | None, typer.Option(
+        "--muon-ns-steps", metavar="N", rich_help_panel=TRAIN,
+        help="Newton-Schulz iterations in each Muon update (fewer: a cheaper, rougher orthogonalisation).")
+    ] = None,
     warmdown: Annotated[float | None, typer.Option(
         "--warmdown", metavar="F", rich_help_panel=TRAIN,
         help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
@@ -175,12 +179,12 @@ def command(
     if budget is not None and max_steps is not None:
         raise UsageError("--time-budget replaces --max-steps; give one of them")
     train_overrides = {"max_steps": max_steps, "time_budget": budget, "optimizer": optimizer,
-                       "muon_lr_scale": muon_lr_scale, "warmdown": warmdown, "batch_size": batch_size,
-                       "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
-                       "grad_clip": grad_clip, "eval_every": eval_every, "eval_batches": eval_batches,
-                       "log_every": log_every, "save_every": save_every, "sample_tokens": sample_tokens,
-                       "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype,
-                       "compile": compile, "fsdp": fsdp}
+                       "muon_lr_scale": muon_lr_scale, "muon_ns_steps": muon_ns_steps, "warmdown": warmdown,
+                       "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps,
+                       "weight_decay": weight_decay, "grad_clip": grad_clip, "eval_every": eval_every,
+                       "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every,
+                       "sample_tokens": sample_tokens, "val_fraction": val_fraction, "seed": seed, "device": device,
+                       "dtype": dtype, "compile": compile, "fsdp": fsdp}
     console = stderr()
 
     # Everything that can be wrong is checked before anything is written or deleted.
@@ -496,7 +500,8 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
     compiled = ", compiled" if config.compile else ""
     length = (f"{config.time_budget:,.0f} s of steps (evaluation and saving included)" if config.time_budget
               else f"{config.max_steps:,} steps")
-    optimizer = f"{config.optimizer} (Muon lr x {config.muon_lr_scale:g})" if config.optimizer == "muon" else "adamw"
+    optimizer = (f"{config.optimizer} (Muon lr x {config.muon_lr_scale:g}, {config.muon_ns_steps} Newton-Schulz steps)"
+                 if config.optimizer == "muon" else "adamw")
     console.print(
         f"Training: {length} x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
         + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")

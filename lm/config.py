@@ -86,6 +86,7 @@ class TrainConfig:
     warmdown: float = 0.0  # 0: cosine decay; else hold lr, then fall linearly over this last share of the run
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its updates are scaled to AdamW's size)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch.optim.Muon's ns_steps)
     time_budget: float = 0.0  # seconds; > 0: train until then (evaluation and saving included), not max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -126,6 +127,8 @@ class TrainConfig:
             raise UsageError(f"--time-budget cannot be negative, got {self.time_budget}")
         if not self.muon_lr_scale > 0:
             raise UsageError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
+        if not 1 <= self.muon_ns_steps <= 20:
+            raise UsageError(f"--muon-ns-steps must be 1 to 20, got {self.muon_ns_steps}")
         return self
 
     @property

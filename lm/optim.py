@@ -43,7 +43,7 @@ def make_optimizers(model: nn.Module, config: TrainConfig, device: torch.device)
     if hidden:
         optimizers.insert(0, ThreadedMuon(hidden, lr=config.lr * config.muon_lr_scale,
                                           weight_decay=config.weight_decay, momentum=0.95,
-                                          adjust_lr_fn="match_rms_adamw"))
+                                          ns_steps=config.muon_ns_steps, adjust_lr_fn="match_rms_adamw"))
         optimizers[0].param_groups[0]["lr_scale"] = config.muon_lr_scale
     return optimizers
 

@@ -108,12 +108,15 @@ def bad_cases(tmp: Path, run: Path) -> dict[str, tuple[list[str], tuple[str, ...
         "no text": (["train", "--out", str(fresh)], ("no training text given",)),
         "bad learning rate": (["train", str(SAMPLE), "--out", str(fresh), "--lr", "-1"], ("--lr must be a positive",)),
         "unknown dtype": (["train", str(SAMPLE), "--out", str(fresh), "--dtype", "int8"], ("--dtype 'int8'",)),
+        "no newton-schulz steps": (["train", str(SAMPLE), "--out", str(fresh), "--muon-ns-steps", "0"],
+                                   ("--muon-ns-steps must be 1 to 20, got 0",)),
     }
 
 
 CASES = ["unknown preset", "impossible config", "corpus too short", "missing validation text",
          "validation is all the text", "not a tokenizer", "resume without checkpoint",
-         "existing run", "resume changing the model", "no text", "bad learning rate", "unknown dtype"]
+         "existing run", "resume changing the model", "no text", "bad learning rate", "unknown dtype",
+         "no newton-schulz steps"]
 
 
 @pytest.mark.parametrize("case", CASES)
