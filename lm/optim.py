@@ -63,7 +63,8 @@ class ThreadedMuon(torch.optim.Muon):
     def __init__(self, params: Any, **options: Any) -> None:
         super().__init__(params, **options)
         self._options = options
-        self._shards: list[tuple[torch.optim.Muon, list[int]]] | None = None
+        self._shards: list[tuple[torch.optim.Muon, list[int]]] = []
+        self._sharded: tuple[int, int] = (0, 0)  # (shards, matrices) the shards were made for
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -75,8 +76,9 @@ class ThreadedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._shards is None or len(self._shards) != min(threads, len(params)):
-            self._shards = self._make_shards(min(threads, len(params)))
+        if self._sharded != (min(threads, len(params)), len(params)):  # first step, new threads or groups
+            self._sharded = (min(threads, len(params)), len(params))
+            self._shards = self._make_shards(self._sharded[0])
         for shard, group_of in self._shards:
             shard.state = self.state  # loading a state dict replaces the dict, so it is handed over every step
             for shard_group, index in zip(shard.param_groups, group_of, strict=True):

@@ -58,7 +58,7 @@ def test_threaded_muon_steps_exactly_as_one_torch_muon() -> None:
                 optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    assert threaded._shards is not None and len(threaded._shards) == 2
+    assert len(threaded._shards) == 2
     shard_params = [{id(p) for g in shard.param_groups for p in g["params"]} for shard, _ in threaded._shards]
     assert shard_params[0] and shard_params[1] and not shard_params[0] & shard_params[1]
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
