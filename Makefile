@@ -2,7 +2,7 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first, pinned, so the package's own `torch>=2.4` is already met: pip then takes
+# torch is installed first, pinned, so the package's own `torch>=2.9` is already met: pip then takes
 # the build that suits this machine (a CPU wheel where one lies on local disk, PyPI's CUDA build on a
 # Linux GPU box). Point it elsewhere if you need to, for example
 #   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"

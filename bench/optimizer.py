@@ -5,8 +5,8 @@
 Both optimizers come from lm.optim.make_optimizers (what `lm train --optimizer adamw|muon` builds),
 on the same model, batch and context; a step is what `lm train` does each step: forward, loss,
 backward, gradient clipping, the optimizers' steps. A third row steps Muon as `torch.optim.Muon` itself
-does, one matrix after the other on all threads, to show what `lm.optim.ThreadedMuon`'s shards (all
-matrices at once, one thread each) save. Blocks of `--steps` steps alternate between the rows, so a
+does, one matrix after the other, to show what `lm.optim.BatchedMuon`'s batched Newton-Schulz (each
+shape's matrices in one stack of products) saves. Blocks of `--steps` steps alternate between the rows, so a
 machine that drifts in speed hits them alike; the median block is reported, with the median of each
 round's ratio (a row's block against AdamW's block of the same round). Each step's two phases
 (forward, backward and clipping; the optimizers' steps) are timed too, and their medians give a third

@@ -7,19 +7,22 @@ import itertools
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import SAMPLE, assert_one_line_error, run_lm, write_run
 from test_train import make_setup
+from torch.optim._muon import _zeropower_via_newtonschulz
 
+from lm import optim as optim_module
 from lm import rundir
 from lm import train as train_module
 from lm.checkpoint import load_run
 from lm.config import ModelConfig, TrainConfig, parse_duration
 from lm.errors import UsageError
 from lm.model import GPT
-from lm.optim import lr_at, make_optimizers
+from lm.optim import BatchedMuon, lr_at, make_optimizers
 from lm.train import Trainer
 
 
@@ -36,38 +39,56 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest() -> None:
     assert len(make_optimizers(model, TrainConfig(), torch.device("cpu"))) == 1
 
 
-def test_threaded_muon_steps_exactly_as_one_torch_muon() -> None:
-    """Muon's matrices stepped in shards on two threads: the same weights and the same state as one Muon."""
+def _one_matrix_at_a_time(updates: list[torch.Tensor], *args: Any) -> list[torch.Tensor]:
+    return [_zeropower_via_newtonschulz(u, *args) for u in updates]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_steps_exactly_as_torch_muon_around_its_orthogonalisation(nesterov: bool, monkeypatch) -> None:
+    """With torch's own one-matrix Newton-Schulz put back, BatchedMuon's steps are torch.optim.Muon's, bit for bit:
+    momentum, Nesterov, weight decay, the learning rate and its per-shape adjustment, the state and a reload."""
+    monkeypatch.setattr(optim_module, "newton_schulz", _one_matrix_at_a_time)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32))
     models = [model, copy.deepcopy(model)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        threaded, plain = (make_optimizers(m, TrainConfig(optimizer="muon"), torch.device("cpu"))[0] for m in models)
-        plain.step = lambda: torch.optim.Muon.step(plain)  # type: ignore[method-assign]
-        generator = torch.Generator().manual_seed(1)
-        for lr in (1e-2, 5e-3, 2e-3, 1e-3):  # a changing rate reaches every shard
-            if lr == 2e-3:  # as a resume does: the loaded state replaces the optimizer's state dict
-                threaded.load_state_dict(copy.deepcopy(threaded.state_dict()))
-            for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
-                p.grad = torch.randn(p.shape, generator=generator)
-                q.grad = p.grad.clone()
-            for optimizer in (threaded, plain):
-                optimizer.param_groups[0]["lr"] = lr
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert len(threaded._shards) == 2
-    shard_params = [{id(p) for g in shard.param_groups for p in g["params"]} for shard, _ in threaded._shards]
-    assert shard_params[0] and shard_params[1] and not shard_params[0] & shard_params[1]
+    batched, plain = (make_optimizers(m, TrainConfig(optimizer="muon"), torch.device("cpu"))[0] for m in models)
+    assert isinstance(batched, BatchedMuon)
+    plain.step = lambda: torch.optim.Muon.step(plain)  # type: ignore[method-assign]
+    generator = torch.Generator().manual_seed(1)
+    for lr in (1e-2, 5e-3, 2e-3, 1e-3):
+        if lr == 2e-3:  # as a resume does: the loaded state replaces the optimizer's state dict
+            batched.load_state_dict(copy.deepcopy(batched.state_dict()))
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        for optimizer in (batched, plain):
+            optimizer.param_groups[0].update(lr=lr, nesterov=nesterov)
+            optimizer.step()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    saved, reference = threaded.state_dict(), plain.state_dict()
-    assert saved["param_groups"][0]["params"] == reference["param_groups"][0]["params"]
+        assert torch.equal(a, b), name
+    saved, reference = batched.state_dict(), plain.state_dict()
+    assert saved["param_groups"] == reference["param_groups"]
     assert saved["state"].keys() == reference["state"].keys()
     for key, state in saved["state"].items():
-        torch.testing.assert_close(state["momentum_buffer"], reference["state"][key]["momentum_buffer"])
+        assert torch.equal(state["momentum_buffer"], reference["state"][key]["momentum_buffer"])
+
+
+def test_batched_newton_schulz_orthogonalises_each_matrix_as_torch_does() -> None:
+    """Stacked by shape (tall ones on their side), each matrix comes out as torch's one-matrix iteration makes it:
+    to bfloat16's rounding here, and bit for bit where the batched products round as single ones do."""
+    generator = torch.Generator().manual_seed(0)
+    scales = [1.0, 1e-3, 50.0]  # each matrix is divided by its own norm, not the stack's
+    updates = [torch.randn(shape, generator=generator) * scales[i % 3]
+               for i, shape in enumerate([(96, 32), (32, 96), (32, 32), (96, 32), (32, 32), (128, 32), (32, 96)])]
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for steps in (1, 5):
+        batched = optim_module.newton_schulz(updates, coefficients, steps, 1e-7)
+        for update, ours, torchs in zip(updates, batched, _one_matrix_at_a_time(updates, coefficients, steps, 1e-7),
+                                        strict=True):
+            assert ours.shape == update.shape and ours.dtype == torch.bfloat16
+            torch.testing.assert_close(ours, torchs)
+    singular_values = torch.linalg.svdvals(batched[0].float())
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # orthogonal, as Muon's iteration goes
 
 
 def test_muon_learns(sample_tokenizer, play_text: Path, tmp_path: Path) -> None:
