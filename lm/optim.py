@@ -18,12 +18,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lm.config import TrainConfig
+
 try:  # the learning-rate adjustment torch.optim.Muon applies to each matrix, by its shape
     from torch.optim._muon import _adjust_lr
 except ImportError:  # a PyTorch whose Muon is laid out otherwise: BatchedMuon steps as plain Muon
     _adjust_lr = None
+# BatchedMuon's step uses these two parts of torch.optim.Muon's own; without either it is plain Muon.
+_BATCHABLE = _adjust_lr is not None and hasattr(torch.optim.Muon, "_init_group")
 
-from lm.config import TrainConfig
 
 
 def make_optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -67,7 +70,7 @@ class BatchedMuon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         params = [p for group in self.param_groups for p in group["params"]]
-        if _adjust_lr is None or any(p.device.type != "cpu" for p in params):
+        if not _BATCHABLE or any(p.device.type != "cpu" for p in params):
             return super().step(closure)
         loss = None
         if closure is not None:
