@@ -28,7 +28,6 @@ except ImportError:  # a PyTorch whose Muon is laid out otherwise: BatchedMuon s
 _BATCHABLE = _adjust_lr is not None and hasattr(torch.optim.Muon, "_init_group")
 
 
-
 def make_optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """The optimizers of a run: [AdamW], or [Muon for hidden matrices, AdamW for the rest]."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
