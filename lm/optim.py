@@ -104,7 +104,8 @@ def newton_schulz(updates: list[torch.Tensor], coefficients: tuple[float, float,
     a, b, c = coefficients
     lowered = [u.bfloat16() for u in updates]
     norms = torch._foreach_norm(lowered)  # each in its own layout, as torch.optim.Muon takes it
-    wide = [u.mT if u.size(0) > u.size(1) else u for u in lowered]
+    tall = [u.size(0) > u.size(1) for u in updates]
+    wide = [u.mT if turn else u for u, turn in zip(lowered, tall, strict=True)]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, matrix in enumerate(wide):
         by_shape.setdefault(tuple(matrix.shape), []).append(index)
@@ -116,7 +117,7 @@ def newton_schulz(updates: list[torch.Tensor], coefficients: tuple[float, float,
             gram = x @ x.mT
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         for i, matrix in zip(indices, x, strict=True):
-            orthogonal[i] = matrix.mT if updates[i].size(0) > updates[i].size(1) else matrix
+            orthogonal[i] = matrix.mT if tall[i] else matrix
     return orthogonal
 
 
