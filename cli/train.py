@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from lm.distributed import Distributed
     from lm.textfiles import TextFiles
     from lm.tokenizer import Tokenizer
-    from lm.train import Evaluation, Trainer, TrainOutcome, TrainUpdate
+    from lm.train import CpuChoices, Evaluation, Trainer, TrainOutcome, TrainUpdate
 
 MODEL = "Model (default: the preset's)"
 TRAIN = "Training (default: the preset's)"
@@ -288,7 +288,10 @@ def command(
         setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, distributed=context,
                               extra_config=extra, init_weights=init_weights, evaluate_at_start=init_from is not None)
         trainer = Trainer(setup)
+        cpu_choices = trainer.choose_cpu_options()  # in every process: they must agree on Muon's precision
         _describe_start(console, trainer)
+        if cpu_choices is not None:
+            console.print(_describe_cpu(cpu_choices))
         outcome = _run_with_progress(trainer, console)
         if context.is_main:
             _describe_end(outcome, out)
@@ -508,6 +511,21 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
         + f" x accum {config.grad_accum} x context {shape.context_length}), {optimizer}, lr {config.lr:g}, on "
         f"{trainer.device.type} in {precision}{compiled}"
         + (f"; resuming at step {trainer.step:,}" if setup.resume else ""))
+
+
+def _describe_cpu(choices: CpuChoices) -> str:
+    """'CPU: AMD EPYC, PyTorch's AVX2 kernels, 2 threads; products by oneDNN for 4 of 5 layer shapes (measured); ...'"""
+    how = {True: "forced by {}", False: "measured here"}
+    parts = [f"CPU: {choices.cpu}, PyTorch's {choices.vector_kernels} kernels, {choices.threads} threads"]
+    if choices.matmul:
+        onednn = sum(kernel == "onednn" for kernel in choices.matmul.values())
+        parts.append(f"float32 products by oneDNN for {onednn} of {len(choices.matmul)} layer shapes, MKL for the "
+                     f"rest ({how[choices.matmul_forced].format('LM_CPU_MATMUL')})")
+    if choices.newton_schulz:
+        precisions = sorted(set(choices.newton_schulz.values()))
+        parts.append(f"Muon's Newton-Schulz in {' and '.join(precisions)} "
+                     f"({how[choices.newton_schulz_forced].format('LM_MUON_NS_DTYPE')})")
+    return "; ".join(parts)
 
 
 def _run_with_progress(trainer: Trainer, console: Console) -> TrainOutcome:

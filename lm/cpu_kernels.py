@@ -5,7 +5,8 @@ plain C, whichever the CPU has) into the cache folder, keyed by the source, the 
 so the build (about a second) happens once per machine. The build is written atomically: a process
 loading the library sees the whole file or none. Where there is no C compiler, or the build fails,
 `library()` is None (with a warning) and lm decodes with PyTorch's operations instead, as it would
-with LM_CPU_KERNELS=off.
+with LM_CPU_KERNELS=off. LM_CPU_MARCH builds them for another CPU than this one (`x86-64-v3`: the
+AVX2 build an older CPU gets; `x86-64`: plain C), to measure or test those paths on a newer machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lm.device import cpu_name
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ENV = "LM_CPU_KERNELS"
+MARCH_ENV = "LM_CPU_MARCH"
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 ALIGN = 64  # int8 rows are read 64 bytes at a time: they are zero-padded to a multiple of this
 
@@ -81,7 +83,7 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no"):
         return None
     try:
-        return open_library(build())
+        return open_library(build(os.environ.get(MARCH_ENV, "").strip() or "native"))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"lm's CPU kernels did not build ({error}); decoding with PyTorch's operations",
                       stacklevel=2)

@@ -18,20 +18,15 @@ transposed decoding layout.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.atomic import atomic_write_text
-from lm.cache import cache_dir
-from lm.device import cpu_name
-from lm.errors import UsageError
+from lm import cpu_choices
+from lm.cpu_choices import fastest
 
 KERNEL_ENV = "LM_CPU_MATMUL"
 KERNELS = ("onednn", "default")
@@ -40,8 +35,8 @@ CACHE_FILE = "cpu-matmul.json"
 # kernel's steady rate, small enough that probing the 8192-wide output head takes milliseconds.
 PROBE_FLOPS = 2**29
 
-_decisions: dict[str, str] = {}  # this process: shape key -> kernel
-_stored: dict[str, str] | None = None  # the cache file's decisions for this machine, once read
+# Looked up through this module at each call (not bound once), so a test can swap the machine's identity.
+_choices = cpu_choices.MeasuredChoices(CACHE_FILE, KERNEL_ENV, KERNELS, machine=lambda: machine_key())
 
 
 @functools.cache
@@ -131,10 +126,7 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
 
 def requested_kernel() -> str:
     """What $LM_CPU_MATMUL asks for: 'auto' (measure; the default), 'onednn' or 'default'."""
-    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", *KERNELS):
-        raise UsageError(f"{KERNEL_ENV}={value!r} is not one of auto, onednn, default; unset it or pick one")
-    return value
+    return _choices.requested()
 
 
 def kernel_for(rows: int, in_features: int, out_features: int, training: bool) -> str:
@@ -144,19 +136,13 @@ def kernel_for(rows: int, in_features: int, out_features: int, training: bool) -
         return "default"
     if requested != "auto":
         return requested
-    key = shape_key(rows, in_features, out_features, training)
-    if key not in _decisions:
-        stored = _machine_decisions()
-        if key not in stored:
-            stored[key] = probe(rows, in_features, out_features, training)
-            _save_decision(key, stored[key])
-        _decisions[key] = stored[key]
-    return _decisions[key]
+    return _choices.choose(shape_key(rows, in_features, out_features, training),
+                           lambda: probe(rows, in_features, out_features, training))
 
 
 def chosen_kernels() -> dict[str, str]:
     """The kernel each layer shape used in this process so far ('train 1024x128x8192' -> 'onednn')."""
-    return dict(_decisions)
+    return _choices.chosen()
 
 
 def shape_key(rows: int, in_features: int, out_features: int, training: bool) -> str:
@@ -167,7 +153,7 @@ def shape_key(rows: int, in_features: int, out_features: int, training: bool) ->
 
 def machine_key() -> str:
     """What a measured choice depends on besides the shape: the CPU, the torch build, the threads."""
-    return f"{cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+    return cpu_choices.machine_key()
 
 
 def probe(rows: int, in_features: int, out_features: int, training: bool, rounds: int = 3) -> str:
@@ -192,50 +178,11 @@ def probe(rows: int, in_features: int, out_features: int, training: bool, rounds
         runs = {"onednn": step(_OneDNNLinear.apply), "default": step(F.linear)}
     else:
         runs = {"onednn": lambda: _onednn(x, weight, bias), "default": lambda: F.linear(x, weight, bias)}
-    best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode(False), torch.enable_grad() if training else torch.no_grad():
-        for run in runs.values():  # warm up: first-call allocations and kernel set-up
-            run()
-        for _ in range(rounds):  # alternate, so a machine that drifts in speed hits both alike
-            for name, run in runs.items():
-                started = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - started)
+        best = fastest(runs, rounds)
     return min(best, key=best.__getitem__)
-
-
-def _machine_decisions() -> dict[str, str]:
-    global _stored
-    if _stored is None:
-        _stored = dict(_read_cache().get(machine_key(), {}))
-    return _stored
-
-
-def _read_cache() -> dict[str, dict[str, str]]:
-    try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save_decision(key: str, kernel: str) -> None:
-    """Add one decision to the cache file (re-read first: other processes may have added theirs)."""
-    data = _read_cache()
-    machine = data.setdefault(machine_key(), {})
-    if not isinstance(machine, dict):
-        machine = data[machine_key()] = {}
-    machine[key] = kernel
-    path = cache_dir() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    except OSError:
-        pass  # a read-only cache folder: the choice holds for this process and is measured again next time
 
 
 def forget_decisions() -> None:
     """Drop what this process knows (the cache file stays): the next layer call decides again."""
-    global _stored
-    _decisions.clear()
-    _stored = None
+    _choices.forget()

@@ -33,13 +33,29 @@ from torch.distributed.checkpoint.state_dict import (
 from lm import checkpoint, distributed, rundir
 from lm.config import MUON_UNDER_FSDP, ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, check_splits, token_byte_lengths
-from lm.device import autocast, configure_matmul, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from lm.device import (
+    autocast,
+    configure_matmul,
+    cpu_name,
+    keep_freed_memory,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+)
 from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
 from lm.eval import plan_windows, score_tokens
 from lm.generate import complete
+from lm.linear import kernel_for, onednn_available, requested_kernel
 from lm.model import GPT
-from lm.optim import lr_at, make_optimizers, set_lr
+from lm.optim import (
+    BatchedMuon,
+    adopt_newton_schulz_choices,
+    lr_at,
+    make_optimizers,
+    requested_newton_schulz_dtype,
+    set_lr,
+)
 from lm.tokenizer import Tokenizer
 
 # Whole tensors, on the CPU, in the process that asks (rank 0 with FSDP): what a checkpoint stores.
@@ -82,6 +98,19 @@ class TrainOutcome:
     max_steps: int
     elapsed_s: float
     evaluation: Evaluation | None = None
+
+
+@dataclass
+class CpuChoices:
+    """What a run on a CPU computes with, each measured on this machine (lm/cpu_choices.py) or forced."""
+
+    cpu: str
+    vector_kernels: str  # PyTorch's own kernels: 'AVX512', 'AVX2', ...
+    threads: int
+    matmul: dict[str, str]  # training layer shape ('1024x128x384') -> 'onednn' or 'default'
+    matmul_forced: bool  # by LM_CPU_MATMUL
+    newton_schulz: dict[str, str]  # Muon's stack shape ('16x128x384') -> 'bfloat16' or 'float32'; {} without Muon
+    newton_schulz_forced: bool  # by LM_MUON_NS_DTYPE
 
 
 @dataclass
@@ -170,6 +199,25 @@ class Trainer:
         self._sample_seconds = 0.0
         self._save_seconds = 0.0
         self.peak = peak_flops(self.device, self.dtype)
+
+    def choose_cpu_options(self) -> CpuChoices | None:
+        """Settle now, before the first step, what lm/linear.py and lm/optim.py would measure during it.
+
+        Every process of a run must orthogonalise Muon's updates in the same precision, or their weights
+        part ways: the first process's choice is the one all take. None off the CPU.
+        """
+        if self.device.type != "cpu":
+            return None
+        rows = self.config.batch_size // self.dist.world_size * self.setup.model_config.context_length
+        shapes = {(m.in_features, m.out_features) for m in self.model.modules() if type(m) is torch.nn.Linear}
+        matmul = {f"{rows}x{n_in}x{n_out}": kernel_for(rows, n_in, n_out, training=True)
+                  for n_in, n_out in sorted(shapes)} if onednn_available() else {}
+        muon = next((o for o in self.optimizers if isinstance(o, BatchedMuon)), None)
+        precisions = [muon.choose_precisions() if muon is not None and self.dist.is_main else {}]
+        distributed.broadcast(self.dist, precisions)
+        adopt_newton_schulz_choices(precisions[0])
+        return CpuChoices(cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), matmul,
+                          requested_kernel() != "auto", precisions[0], requested_newton_schulz_dtype() != "auto")
 
     @property
     def tokens_per_step(self) -> int:

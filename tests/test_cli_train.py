@@ -46,6 +46,8 @@ def test_train_then_info_then_resume_for_more_steps(trained_run: Path) -> None:
     more = run_lm("train", "--out", trained_run, "--resume", "--max-steps", "20")
     assert more.returncode == 0, more.stderr
     assert "resuming at step 10" in more.stderr
+    # The start-up lines say what this CPU computes with (the suite forces the matmul kernel: conftest.py).
+    assert "CPU: " in more.stderr and "(forced by LM_CPU_MATMUL)" in more.stderr, more.stderr
     steps = [json.loads(line)["step"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
     assert json.loads((trained_run / "config.json").read_text())["train"]["max_steps"] == 20
