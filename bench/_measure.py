@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 
@@ -44,3 +46,9 @@ def median_seconds(runs: list[Run]) -> float:
 
 def median_rss(runs: list[Run]) -> float:
     return median(r.peak_rss_mb for r in runs)
+
+
+def write_summary(path: Path | None, **figures: float | str) -> None:
+    """A benchmark's headline figures as JSON, where `--summary PATH` asks (bench/cpu_matrix.py reads them)."""
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean, median
 
 import torch
+from _measure import write_summary
 from rich.console import Console
 from rich.table import Table
 
@@ -156,7 +157,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a trained run for the quality table")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 124M model")
+    parser.add_argument("--skip-quality", action="store_true", help="leave out the quality and cache tables")
+    parser.add_argument("--summary", type=Path, help="also write the headline ratios here, as JSON")
     args = parser.parse_args()
+    figures: dict[str, float] = {}
 
     small = ModelConfig(vocab_size=8192, context_length=512, n_layer=4, n_head=4, d_model=128)
     results = speed(small, args.rounds, args.new_tokens, reduced=False, compiled=True)
@@ -164,6 +168,7 @@ def main() -> None:
                            f"tokens, greedy, median of {args.rounds}", results)
     ratio = results["lm, float32"] / baseline
     console.print(f"lm / transformers: {ratio:.2f}x (target >= 2x: {VERDICT[ratio >= 2]})")
+    figures["small_float32_vs_transformers"] = ratio
 
     if not args.skip_large:
         gpt2 = ModelConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, d_model=768)
@@ -173,7 +178,11 @@ def main() -> None:
         fp32, int8 = results["lm, float32"] / baseline, results["lm, int8 linear layers"] / baseline
         console.print(f"lm float32 / transformers: {fp32:.2f}x (target >= 1.0x: {VERDICT[fp32 >= 1.0]}); "
                       f"lm int8 / transformers: {int8:.2f}x (target >= 1.6x: {VERDICT[int8 >= 1.6]})")
+        figures.update(gpt2_float32_vs_transformers=fp32, gpt2_int8_vs_transformers=int8)
+    write_summary(args.summary, **figures)
 
+    if args.skip_quality:
+        return
     if (args.run / "config.json").is_file():
         quality(args.run)
     else:

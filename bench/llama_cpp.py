@@ -35,6 +35,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from _measure import write_summary
 from quality import design_flags
 from rich.console import Console
 from rich.table import Table
@@ -44,6 +45,7 @@ from lm import rundir
 from lm.cache import cache_dir
 from lm.checkpoint import load_run, model_state_dict
 from lm.config import FAMILY_DESIGNS, TrainConfig, preset, with_overrides
+from lm.cpu_kernels import MARCH_ENV
 from lm.generate import GenerationStats, generate_tokens, prepare_for_generation
 from lm.model import GPT
 from lm.sampling import SamplingConfig
@@ -68,7 +70,10 @@ console = Console(width=130)
 
 def build_llama_cpp(root: Path) -> Path:
     """The folder holding llama.cpp's binaries, built from llama-cpp-python's sdist on the first call."""
-    bin_dir = root / "build" / "bin"
+    # With LM_CPU_MARCH=x86-64-v3 (lm's kernels built for AVX2 CPUs), llama.cpp is built for the same ones.
+    avx2_only = os.environ.get(MARCH_ENV, "").strip() == "x86-64-v3"
+    build = root / ("build-x86-64-v3" if avx2_only else "build")
+    bin_dir = build / "bin"
     if all((bin_dir / target).is_file() for target in TARGETS):
         return bin_dir
     missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
@@ -90,8 +95,9 @@ def build_llama_cpp(root: Path) -> Path:
         os.replace(next(staging.glob("*/vendor/llama.cpp")), source)
         shutil.rmtree(staging)
     console.print("Building llama.cpp (about 7 minutes on 2 cores, once) ...")
-    build = root / "build"
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    isa = (["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+           if avx2_only else ["-DGGML_NATIVE=ON"])
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *isa,
                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                    check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
@@ -259,7 +265,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per speed round")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the tiny runs for the text check")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--summary", type=Path, help="also write the speed ratios here, as JSON")
     args = parser.parse_args()
+    figures: dict[str, float] = {}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     root = cache_dir() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
@@ -307,6 +315,7 @@ def main() -> None:
         for label, ours_ts, theirs_ts, per_weight in (("float32 / F32", s.lm_f32, s.cpp_f32, (4.0, 4.0)),
                                                       ("int8 / Q8_0", s.lm_int8, s.cpp_q8, (1.0, 34 / 32))):
             lm_ts, cpp_ts = median(ours_ts), median(theirs_ts)
+            figures[f"{family} {label.split(' / ')[0]} vs llama.cpp"] = lm_ts / cpp_ts
             lm_gbs = weight_bytes_per_token(speed, per_weight[0]) * lm_ts / 1e9
             cpp_gbs = weight_bytes_per_token(speed, per_weight[1]) * cpp_ts / 1e9
             rows.setdefault(f"decode tokens/s, {label}: lm / llama.cpp", []).append(
@@ -322,6 +331,7 @@ def main() -> None:
                       f"{args.new_tokens} tokens from an empty context, median of {args.rounds} alternating rounds; "
                       "target lm >= 1.0x llama.cpp at each precision.")
     console.print("interop: " + ("[green]passed[/]" if passed else "[red]FAILED[/]"))
+    write_summary(args.summary, **figures)
     sys.exit(0 if passed else 1)
 
 

@@ -20,9 +20,11 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from statistics import median
 
 import torch
+from _measure import write_summary
 from rich.console import Console
 from rich.table import Table
 from train import timed_block
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--llama-block", action="store_true", help="rope, RMSNorm, SwiGLU, no biases")
+    parser.add_argument("--summary", type=Path, help="also write the headline ratio here, as JSON")
     args = parser.parse_args()
     args.model_changes = ({"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "d_ff": 0}
                           if args.llama_block else {})
@@ -103,6 +106,9 @@ def main() -> None:
                       f"{typical_step(name) / typical_step('adamw'):.3f}x")
     Console(width=150).print(table)
     print("target: Muon's step <= 1.10x AdamW's")
+    muon = [mine / adamw for mine, adamw in zip(blocks["muon"], blocks["adamw"], strict=True)]
+    write_summary(args.summary, muon_vs_adamw=median(blocks["muon"]) / base, muon_vs_adamw_same_round=median(muon),
+                  adamw_step_ms=base * 1e3, muon_optimizer_ms=median(timers["muon"][1]["optimizer"]) * 1e3)
 
 
 if __name__ == "__main__":

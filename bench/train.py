@@ -28,9 +28,11 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from statistics import median
 
 import torch
+from _measure import write_summary
 from rich.console import Console
 from rich.table import Table
 
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd versions of both")
+    parser.add_argument("--summary", type=Path, help="also write the headline ratio here, as JSON")
     args = parser.parse_args()
 
     on_cpu = args.device == "cpu"
@@ -205,6 +208,7 @@ def main() -> None:
     ratio = baseline / median(seconds["lm"])
     verdict = {True: "[green]met[/]", False: "[red]missed[/]"}
     console.print(f"lm / transformers, both eager: {ratio:.2f}x (target >= 1.2x: {verdict[ratio >= 1.2]})")
+    write_summary(args.summary, lm_vs_transformers=ratio, lm_ms_per_step=1000 * median(seconds["lm"]) / args.steps)
     forced = [name for name in seconds if name.endswith("forced")]
     if forced:
         better = min(median(seconds[name]) for name in forced)
