@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo demo-heads test lint bench gpu-check clean
+.PHONY: help demo demo-heads test test-avx2 lint bench cpu-matrix gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
@@ -23,8 +23,11 @@ help:
 	@echo "make demo-heads  a tiny model with a previous-token head (about 4 minutes on a CPU): a 512-token"
 	@echo "             vocabulary, then its heads summary and attention explorer"
 	@echo "make test    run the test suite"
+	@echo "make test-avx2  run the numerics-sensitive tests again as on a CPU with AVX2 only (emulated)"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
+	@echo "make cpu-matrix  the README's speed ratios on this CPU and an emulated AVX2-only one, one table"
+	@echo "             (NANOGPT=CHECKOUT adds the quality race against nanoGPT)"
 	@echo "make gpu-check  check and time the CUDA path (says so and exits 0 where there is no GPU);"
 	@echo "             VENV= uses \$$(PYTHON) and its packages as they are (no venv, no installs)"
 	@echo "make clean   remove .venv, runs/ and caches (the downloaded corpus stays)"
@@ -70,6 +73,16 @@ demo-heads: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A CPU with AVX2 only (no AVX-512, no bfloat16 arithmetic), emulated on a newer one: PyTorch's kernels,
+# oneDNN's and lm's C kernels are held to AVX2. Rounding differs from the native run; the tests must not care.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 LM_CPU_MARCH=x86-64-v3
+NUMERICS_TESTS ?= tests/test_generate.py tests/test_cpu_decode.py tests/test_loss.py tests/test_recipes.py \
+	tests/test_linear.py tests/test_int8.py tests/test_model.py tests/test_cpu_choices.py tests/test_train.py
+test-avx2: $(VENV)/.installed-dev
+	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
+		$(AVX2_ONLY) $(BIN)/python -m pytest $(NUMERICS_TESTS) $(PYTEST_ARGS); \
+	else echo "test-avx2: this CPU has no AVX2 (or no /proc/cpuinfo): nothing to emulate, skipped"; fi
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
@@ -84,6 +97,12 @@ bench: $(VENV)/.installed-dev,bench
 	$(BIN)/python bench/generate.py --run $(RUN)
 	$(BIN)/python bench/inspect_attention.py --run $(RUN)
 	$(BIN)/python bench/ddp.py --corpus $(CORPUS)/train
+
+# The README's ratios natively and under the AVX2 emulation, one table (about 40 minutes; see the script).
+NANOGPT ?=
+TINYSHAKESPEARE ?= ../shared/data/tinyshakespeare/input.txt
+cpu-matrix: $(VENV)/.installed-dev,bench
+	$(BIN)/python bench/cpu_matrix.py $(if $(NANOGPT),--nanogpt $(NANOGPT) --tinyshakespeare $(TINYSHAKESPEARE))
 
 # On a GPU machine whose python already has torch and the rest (and maybe no network), skip the venv:
 #   make gpu-check VENV=              (or PYTHON=/path/to/python3 VENV=)

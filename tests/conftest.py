@@ -18,6 +18,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Token caches and downloads go to a folder of this test session, never to the user's ~/.cache.
 os.environ["LM_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-test-cache-")
+# torch.compile's on-disk cache leaves out of its keys the vector width it generated code for: an entry
+# written with this CPU's own and read under ATEN_CPU_CAPABILITY=avx2 (how the suite emulates an AVX2-only
+# CPU) gave NaN logits, and the other way round corrupted the heap. One cache folder per setting, then.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"lm-test-inductor-{os.getuid() if hasattr(os, 'getuid') else 0}-"
+                           f"{os.environ.get('ATEN_CPU_CAPABILITY', '').strip().lower() or 'native'}"))
 # One CPU matrix kernel for the whole suite, whichever this machine would measure as faster
 # (tests/test_linear.py checks the measuring itself).
 os.environ.setdefault("LM_CPU_MATMUL", "onednn")
@@ -122,3 +128,60 @@ def write_run(path: Path, tokenizer, config, seed: int = 0) -> Path:
     tokenizer.save(path / rundir.TOKENIZER)
     rundir.write_config(path, config, TrainConfig(), {"parameters": model.num_parameters()})
     return path
+
+
+def record_draws(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The state of the generator before each token lm.generate samples, appended as it samples: what
+    `assert_decodings_agree` replays to tell a near tie from a wrong token in sampled decoding."""
+    import lm.generate
+
+    states: list = []
+    sample_next = lm.generate.sample_next
+
+    def recording(logits, config, generator=None, seen=None):
+        states.append(None if generator is None else generator.get_state())
+        return sample_next(logits, config, generator, seen)
+
+    monkeypatch.setattr(lm.generate, "sample_next", recording)
+    return states
+
+
+def assert_decodings_agree(reference, other, *, atol: float, rtol: float = 0.0, sampling=None,
+                           draws: list | None = None, compare_logits: bool = True) -> int:
+    """Two decodings of one prompt by different float code paths (cached and uncached, compiled and eager,
+    lm and transformers) agree; the number of steps whose tokens agreed is returned.
+
+    `reference` and `other` hold one step per new token, each with `ids` (samples,) and `logits`
+    (samples, vocabulary), as lm.generate.Step does. The two paths round differently, so nothing is
+    compared bit for bit: while both have taken the same tokens, each row of logits must agree to
+    atol + rtol x the reference row's largest magnitude (if `compare_logits`), and the tokens must agree,
+    except at a near tie, where logits within that tolerance of the reference's could have taken the
+    other path's token (greedy: the reference's top two within twice the tolerance; sampled: `sampling`,
+    replaying the reference's own draw from `draws`, what `record_draws` kept, no repetition penalty).
+    Past a step where they part the two paths read different texts, and nothing more is compared.
+    """
+    import torch
+
+    from lm.sampling import sample_next
+
+    for step, (a, b) in enumerate(zip(reference, other, strict=True)):
+        expected, got = a.logits.float().cpu(), b.logits.float().cpu()
+        tolerance = atol + rtol * expected.abs().amax(dim=-1, keepdim=True)
+        if compare_logits:
+            excess = ((got - expected).abs() - tolerance).max().item()
+            assert excess <= 0, f"logits differ at step {step} by {excess:.3g} more than the tolerance"
+        if torch.equal(a.ids.cpu(), b.ids.cpu()):
+            continue
+        theirs = b.ids.cpu().view(-1, 1)
+        worst = expected - tolerance  # the other path's token as favoured as the tolerance allows
+        worst.scatter_(1, theirs, expected.gather(1, theirs) + tolerance)
+        if sampling is None or sampling.greedy:
+            could = worst.gather(1, theirs).squeeze(1) >= worst.amax(dim=-1)
+        else:
+            generator = torch.Generator().set_state(draws[step])
+            assert torch.equal(sample_next(expected, sampling, generator), a.ids.cpu()), "not the draw recorded"
+            could = sample_next(worst, sampling, generator.set_state(draws[step])) == theirs.squeeze(1)
+        parted = a.ids.cpu() != b.ids.cpu()
+        assert could[parted].all(), f"tokens differ at step {step} without a near tie"
+        return step
+    return len(reference)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, random_weights, run_lm, write_run
+from conftest import assert_decodings_agree, assert_one_line_error, random_weights, run_lm, write_run
 from safetensors.torch import load_file, save_file
 
 from lm import rundir
 from lm.checkpoint import load_run
 from lm.config import PRESETS, ModelConfig
-from lm.generate import generate_tokens
+from lm.generate import Step, generate_tokens, prepare_for_generation
 from lm.hf import family as export_family
 from lm.sampling import SamplingConfig
 
@@ -41,6 +42,24 @@ def exported(request, tmp_path_factory, sample_tokenizer) -> tuple[Path, Path, s
     return run, folder / "hf", request.param
 
 
+def hf_greedy(hf, prompt_ids: list[int], new_tokens: int) -> list[Step]:
+    """transformers' greedy decoding, step by step with the logits each token was chosen from."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
+                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                          return_dict_in_generate=True, output_logits=True)
+    return [Step(out.sequences[0, len(prompt_ids) + i].view(1), logits) for i, logits in enumerate(out.logits)]
+
+
+def assert_greedy_agrees_with_transformers(model, hf, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """lm's greedy tokens (returned) and transformers': another float32 code path, whose logits agree to
+    1e-4 (as above), hence its tokens too until a near tie, after which the two read other texts."""
+    ours = list(generate_tokens(model, prompt_ids, new_tokens, SamplingConfig(temperature=0)))
+    theirs = hf_greedy(hf, prompt_ids, new_tokens)  # which ends early at <|endoftext|>
+    assert_decodings_agree(ours[:len(theirs)], theirs, atol=1e-4, rtol=1e-5)
+    return [int(step.ids) for step in ours]
+
+
 def hf_load(folder: Path, eager: bool = False):
     kwargs = {"attn_implementation": "eager"} if eager else {}
     return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
@@ -65,16 +84,12 @@ def test_greedy_generation_matches_lm_generate(exported) -> None:
     _, tokenizer, _ = load_run(run)
     prompt = "MARGERY. Set the"
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(prompt)]
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=50, do_sample=False,
-                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    hf_new = out[0, len(prompt_ids):].tolist()
-    model, _, _ = load_run(run)
-    ours = [int(step.ids) for step in generate_tokens(model, prompt_ids, len(hf_new), SamplingConfig(temperature=0))]
-    assert ours == hf_new
-    text = tokenizer.decode([t for t in hf_new if t != tokenizer.eot_id])
+    # prepared as `lm generate` prepares it: the executable then runs these very operations, bit for bit
+    model = prepare_for_generation(load_run(run)[0])
+    ours = assert_greedy_agrees_with_transformers(model, hf, prompt_ids, 50)
+    text = tokenizer.decode(list(itertools.takewhile(lambda token: token != tokenizer.eot_id, ours)))
     cli = run_lm("generate", run, "--prompt", prompt, "-n", "50", "--temperature", "0")
-    assert cli.stdout == prompt + text.split("<|endoftext|>")[0]
+    assert cli.stdout == prompt + text
 
 
 def test_eager_attention_weights_match_inspect_attention(exported) -> None:
@@ -126,13 +141,7 @@ def test_a_transformers_checkpoint_imports_with_the_same_behaviour(family: str, 
     ids = torch.randint(0, tokenizer.vocab_size, (2, 50), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
-    prompt = [tokenizer.eot_id, *tokenizer.encode("the lamp")]
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False,
-                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    hf_new = out[0, len(prompt):].tolist()
-    ours = [int(s.ids) for s in generate_tokens(model, prompt, len(hf_new), SamplingConfig(temperature=0))]
-    assert ours == hf_new
+    assert_greedy_agrees_with_transformers(model, hf, [tokenizer.eot_id, *tokenizer.encode("the lamp")], 50)
     data = json.loads(run_lm("inspect-attention", tmp_path / "run", "--text", "the lamp is lit", "--format", "json",
                              "--layer", "all", "--head", "all").stdout)
     hf.config._attn_implementation = "eager"

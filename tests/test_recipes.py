@@ -81,8 +81,8 @@ def test_batched_newton_schulz_orthogonalises_each_matrix_as_torch_does() -> Non
     updates = [torch.randn(shape, generator=generator) * scales[i % 3]
                for i, shape in enumerate([(96, 32), (32, 96), (32, 32), (96, 32), (32, 32), (128, 32), (32, 96)])]
     coefficients = (3.4445, -4.7750, 2.0315)
-    for steps in (1, 5):
-        batched = optim_module.newton_schulz(updates, coefficients, steps, 1e-7)
+    for steps in (1, 5):  # in bfloat16, as torch computes it (lm picks the precision per CPU: test_cpu_choices.py)
+        batched = optim_module.newton_schulz(updates, coefficients, steps, 1e-7, dtype=lambda *stack: torch.bfloat16)
         for update, ours, torchs in zip(updates, batched, _one_matrix_at_a_time(updates, coefficients, steps, 1e-7),
                                         strict=True):
             assert ours.shape == update.shape and ours.dtype == torch.bfloat16
