@@ -75,7 +75,7 @@ test: $(VENV)/.installed-dev
 
 # A CPU with AVX2 only (no AVX-512, no bfloat16 arithmetic), emulated on a newer one: PyTorch's kernels,
 # oneDNN's and lm's C kernels are held to AVX2. Rounding differs from the native run; the tests must not care.
-AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 LM_CPU_MARCH=x86-64-v3
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 LM_CPU_MARCH=x86-64-v3
 NUMERICS_TESTS ?= tests/test_generate.py tests/test_cpu_decode.py tests/test_loss.py tests/test_recipes.py \
 	tests/test_linear.py tests/test_int8.py tests/test_model.py tests/test_cpu_choices.py tests/test_train.py
 test-avx2: $(VENV)/.installed-dev

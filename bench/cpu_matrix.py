@@ -7,8 +7,9 @@ cache folder (so lm's run-time choices, lm/cpu_choices.py, are measured under th
 
 - native: this CPU as it is;
 - AVX2 (emulated): PyTorch's kernels held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`), oneDNN's too
-  (`ONEDNN_MAX_CPU_ISA=AVX2`: no AVX-512, no native bfloat16), lm's C kernels and llama.cpp built for
-  `x86-64-v3` (`LM_CPU_MARCH`). Checked to reproduce an AVX2 machine's slow bfloat16 products: the
+  (`ONEDNN_MAX_CPU_ISA=AVX2`: no AVX-512, no native bfloat16) and MKL's (`MKL_ENABLE_INSTRUCTIONS=AVX2`;
+  on an AMD CPU MKL takes its generic path anyway), lm's C kernels and llama.cpp built for `x86-64-v3`
+  (`LM_CPU_MARCH`). Checked to reproduce an AVX2 machine's slow bfloat16 products: the
   `bf16 / fp32 Newton-Schulz` row (an AMD EPYC with AVX2 only measured 41x).
 
 The checks, each an existing benchmark run with `--summary`:
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -48,7 +50,8 @@ from rich.table import Table
 BENCH = Path(__file__).resolve().parent
 MODES = {
     "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "LM_CPU_MARCH": "x86-64-v3"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "LM_CPU_MARCH": "x86-64-v3"},
 }
 QUALITY_RECIPE = "defaults (the tiny preset)"
 
@@ -80,14 +83,15 @@ CLAIMS = [
 ]
 
 
-def run_bench(script: str, args: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
-    """Run one benchmark with `--summary`, its output appended to `log`; its summary's figures."""
+def run_bench(script: str, args: list[str], env: dict[str, str], log: Path, summary_flag: str = "--summary",
+              ) -> dict[str, Any]:
+    """Run one benchmark, its output appended to `log`; the JSON it wrote where `summary_flag` said."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
         with log.open("a", encoding="utf-8") as out:
             out.write(f"\n$ {' '.join(f'{k}={v}' for k, v in env.items())} {script} {' '.join(args)}\n")
             out.flush()
-            done = subprocess.run([sys.executable, str(BENCH / script), *args, "--summary", str(summary)],
+            done = subprocess.run([sys.executable, str(BENCH / script), *args, summary_flag, str(summary)],
                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=BENCH.parent)
         if done.returncode != 0 or not summary.is_file():
             raise RuntimeError(f"{script} failed (exit {done.returncode}); its output is in {log}")
@@ -119,13 +123,14 @@ def checks(args: argparse.Namespace, log: Path) -> dict[str, Callable[[dict[str,
     def quality(env: dict[str, str]) -> dict[str, float]:
         if args.nanogpt is None or args.tinyshakespeare is None:
             raise RuntimeError("quality needs --nanogpt and --tinyshakespeare")
-        with tempfile.TemporaryDirectory() as tmp:
-            results = Path(tmp) / "sweep.json"
-            run_bench("sweep.py", ["--tinyshakespeare", str(args.tinyshakespeare), "--nanogpt", str(args.nanogpt),
-                                   "--only", QUALITY_RECIPE, "--json", str(results)], env, log)
-            sweep = json.loads(results.read_text(encoding="utf-8"))
-        ours = sweep["recipes"][0]["bits_per_byte"]
-        return {"vs_nanogpt": ours / sweep["nanogpt"]["bits_per_byte"]}
+        sweep = run_bench("sweep.py", ["--tinyshakespeare", str(args.tinyshakespeare), "--nanogpt", str(args.nanogpt),
+                                       "--only", QUALITY_RECIPE], env, log, summary_flag="--json")
+        if not sweep["recipes"]:
+            raise RuntimeError(f"lm's run in sweep.py failed; its output is in {log}")
+        ours, peer = sweep["recipes"][0], sweep["nanogpt"]
+        return {"vs_nanogpt": ours["bits_per_byte"] / peer["bits_per_byte"], "lm_bits_per_byte": ours["bits_per_byte"],
+                "lm_steps": ours["steps"], "nanogpt_bits_per_byte": peer["bits_per_byte"],
+                "nanogpt_seconds": peer["seconds"]}
 
     return {
         "muon": muon,

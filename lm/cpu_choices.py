@@ -26,14 +26,17 @@ from lm.cache import cache_dir
 from lm.device import cpu_name
 from lm.errors import UsageError
 
+# The variables that hold oneDNN's and MKL's kernels to older instructions (how an AVX2-only CPU is emulated).
+ISA_LIMITS = {"ONEDNN_MAX_CPU_ISA": "oneDNN", "MKL_ENABLE_INSTRUCTIONS": "MKL"}
+
 
 def machine_key() -> str:
-    """What a measured choice depends on besides the shape: the CPU and the instructions PyTorch and oneDNN
-    may use on it (lowered by ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA), the torch build, the threads."""
-    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
-    return (f"{cpu_name()}; {torch.backends.cpu.get_cpu_capability()}"
-            + (f", oneDNN up to {onednn_isa}" if onednn_isa else "")
-            + f"; torch {torch.__version__}; {torch.get_num_threads()} threads")
+    """What a measured choice depends on besides the shape: the CPU and the instructions PyTorch, oneDNN and
+    MKL may use on it (ATEN_CPU_CAPABILITY and ISA_LIMITS lower them), the torch build, the threads."""
+    limits = "".join(f", {library} up to {os.environ[variable].strip()}" for variable, library in ISA_LIMITS.items()
+                     if os.environ.get(variable, "").strip())
+    return (f"{cpu_name()}; {torch.backends.cpu.get_cpu_capability()}{limits}; torch {torch.__version__}; "
+            f"{torch.get_num_threads()} threads")
 
 
 class MeasuredChoices:

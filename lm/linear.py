@@ -4,10 +4,11 @@ PyTorch computes `nn.Linear` on a CPU with its default BLAS (MKL's sgemm on x86 
 bundled with PyTorch, computes the same products. Which one is faster depends on the CPU: on an AMD
 EPYC (Zen 5) oneDNN ran a 1024² product at 370 GFLOP/s against MKL's 175, and the `tiny` preset's
 768 x 128 x 8192 output head in 4.2 ms against 10.7; on an Intel Xeon MKL was the faster one. So the
-choice is measured, not assumed: the first time a layer shape is met (per machine, torch version and
-thread count), `linear` times both kernels on that shape, forward and, when training, both backward
-products, and keeps the faster. The answers are stored in the cache folder (`cpu-matmul.json`, see
-lm/cache.py), so the probe (well under a second for a whole model) runs once per machine.
+choice is measured, not assumed: the first time a layer shape is met (per machine, instruction set,
+torch version and thread count), `linear` times both kernels on that shape, forward and, when training,
+both backward products, and keeps the faster. The answers are stored in the cache folder
+(`cpu-matmul.json`, by lm/cpu_choices.py), so the probe (well under a second for a whole model) runs
+once per machine.
 
 `LM_CPU_MATMUL` overrides the choice: `onednn` or `default` (PyTorch's own kernel) everywhere, `auto`
 (the default) measures. The layer itself (PyTorch's default) is used everywhere oneDNN does not apply:
