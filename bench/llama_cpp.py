@@ -172,7 +172,10 @@ def greedy_texts(bin_dir: Path, run: Path, new_tokens: int) -> tuple[str, str]:
     """The continuations of PROMPT by `lm generate --temperature 0` and by llama-simple (greedy)."""
     ours = lm("generate", run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", new_tokens)
     result = subprocess.run([bin_dir / "llama-simple", "-m", gguf_of(run, "f32"), "-n", str(new_tokens), PROMPT],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, check=True)
+    # llama-simple writes each token's bytes as they are: a token ending inside a character leaves bytes
+    # that are not UTF-8 on their own, which lm shows as U+FFFD; decoded the same way here.
+    result.stdout = result.stdout.decode("utf-8", errors="replace")
     # llama-simple prints the prompt's pieces (the <|endoftext|> BOS among them), the text, a newline.
     theirs = result.stdout.removeprefix("<|endoftext|>").removesuffix("\n")
     # Into a pipe `lm generate` writes exactly the text, with no newline of its own.
