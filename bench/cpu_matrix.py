@@ -101,13 +101,13 @@ def run_bench(script: str, args: list[str], env: dict[str, str], log: Path, summ
 def newton_schulz_ratio(env: dict[str, str]) -> float:
     """bfloat16 over float32 time of 5 Newton-Schulz iterations on a 10 x 128 x 512 stack, in a fresh process."""
     code = ("import torch, time\n"
-            "from lm.optim import _newton_schulz_iteration\n"
+            "from lm.optim import NS_COEFFICIENTS, _newton_schulz_iteration\n"
             "x = torch.randn(10, 128, 512); x /= torch.linalg.matrix_norm(x, keepdim=True)\n"
             "best = {}\n"
             "for dtype in (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32):\n"
-            "    y = x.to(dtype); _newton_schulz_iteration(y, 3.4445, -4.775, 2.0315)\n"
+            "    y = x.to(dtype); _newton_schulz_iteration(y, *NS_COEFFICIENTS)\n"
             "    started = time.perf_counter()\n"
-            "    for _ in range(5): y = _newton_schulz_iteration(y, 3.4445, -4.775, 2.0315)\n"
+            "    for _ in range(5): y = _newton_schulz_iteration(y, *NS_COEFFICIENTS)\n"
             "    best[dtype] = min(best.get(dtype, 1e9), time.perf_counter() - started)\n"
             "print(best[torch.bfloat16] / best[torch.float32])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -515,16 +515,18 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
 
 def _describe_cpu(choices: CpuChoices) -> str:
     """'CPU: AMD EPYC, PyTorch's AVX2 kernels, 2 threads; products by oneDNN for 4 of 5 layer shapes (measured); ...'"""
-    how = {True: "forced by {}", False: "measured here"}
+    def how(forced: bool, variable: str) -> str:
+        return f"forced by {variable}" if forced else "measured here"
+
     parts = [f"CPU: {choices.cpu}, PyTorch's {choices.vector_kernels} kernels, {choices.threads} threads"]
     if choices.matmul:
         onednn = sum(kernel == "onednn" for kernel in choices.matmul.values())
         parts.append(f"float32 products by oneDNN for {onednn} of {len(choices.matmul)} layer shapes, MKL for the "
-                     f"rest ({how[choices.matmul_forced].format('LM_CPU_MATMUL')})")
+                     f"rest ({how(choices.matmul_forced, 'LM_CPU_MATMUL')})")
     if choices.newton_schulz:
         precisions = sorted(set(choices.newton_schulz.values()))
         parts.append(f"Muon's Newton-Schulz in {' and '.join(precisions)} "
-                     f"({how[choices.newton_schulz_forced].format('LM_MUON_NS_DTYPE')})")
+                     f"({how(choices.newton_schulz_forced, 'LM_MUON_NS_DTYPE')})")
     return "; ".join(parts)
 
 

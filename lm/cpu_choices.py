@@ -5,8 +5,9 @@ twice as fast as float32 ones on a CPU with AVX-512 BF16 or AMX, and forty times
 AVX2 only (it has no bfloat16 arithmetic, so every product is emulated); oneDNN's float32 products
 beat MKL's on an AMD Zen 5 and lose to them on an Intel Xeon. So no choice here is taken from the
 CPU's name or flags: each is timed, the first time it is needed, on the shape it is needed for, and
-the answer is stored in the cache folder (see lm/cache.py), keyed by the CPU model, the torch version
-and the thread count, so the next process on the same machine reads it instead of measuring again.
+the answer is stored in the cache folder (see lm/cache.py), keyed by `machine_key()` (the CPU model,
+the instruction sets PyTorch, oneDNN and MKL are allowed, the torch version and the thread count), so
+the next process on the same machine reads it instead of measuring again.
 
 Each kind of choice has its own `MeasuredChoices` (lm/linear.py's matmul kernel, lm/optim.py's
 Newton-Schulz precision) and its own environment variable that forces an answer.

@@ -153,7 +153,7 @@ def shape_key(rows: int, in_features: int, out_features: int, training: bool) ->
 
 
 def machine_key() -> str:
-    """What a measured choice depends on besides the shape: the CPU, the torch build, the threads."""
+    """`cpu_choices.machine_key()`, here so a test can give this module's choices another machine."""
     return cpu_choices.machine_key()
 
 

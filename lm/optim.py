@@ -27,6 +27,8 @@ try:  # the learning-rate adjustment torch.optim.Muon applies to each matrix, by
     from torch.optim._muon import _adjust_lr
 except ImportError:  # a PyTorch whose Muon is laid out otherwise: BatchedMuon steps as plain Muon
     _adjust_lr = None
+# torch.optim.Muon's default quintic coefficients (a, b, c), what the precision probe iterates with.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # BatchedMuon's step uses these two parts of torch.optim.Muon's own; without either it is plain Muon.
 _BATCHABLE = _adjust_lr is not None and hasattr(torch.optim.Muon, "_init_group")
 
@@ -108,8 +110,7 @@ class BatchedMuon(torch.optim.Muon):
     def choose_precisions(self) -> dict[str, str]:
         """Each stack's Newton-Schulz precision ('20x128x384' -> 'float32'), decided now (measured where not yet
         known); {} where the step is torch.optim.Muon's own (bfloat16)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        if not _BATCHABLE or any(p.device.type != "cpu" for p in params):
+        if not _BATCHABLE or any(p.device.type != "cpu" for group in self.param_groups for p in group["params"]):
             return {}
         chosen = {}
         for group in self.param_groups:
@@ -199,20 +200,15 @@ def probe_newton_schulz(count: int, rows: int, columns: int, rounds: int = 3) ->
     generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
     x = torch.randn(count, rows, columns, generator=generator)
     x /= torch.linalg.matrix_norm(x, keepdim=True)
-    stacks = {name: x.to(dtype) for name, dtype in NS_DTYPES.items()}
-    runs = {name: functools.partial(_newton_schulz_iteration, stack, 3.4445, -4.7750, 2.0315)
-            for name, stack in stacks.items()}
+    runs = {name: functools.partial(_newton_schulz_iteration, x.to(dtype), *NS_COEFFICIENTS)
+            for name, dtype in NS_DTYPES.items()}
     with torch.no_grad():
         best = cpu_choices.fastest(runs, rounds)
     return "bfloat16" if best["bfloat16"] < NS_BFLOAT16_MARGIN * best["float32"] else "float32"
 
 
-def newton_schulz_choices() -> dict[str, str]:
-    """The precision each Newton-Schulz stack shape got in this process ('newton-schulz 16x128x384' -> ...)."""
-    return _ns_choices.chosen()
-
-
 def forget_newton_schulz_choices() -> None:
+    """Drop what this process knows (the cache file stays): the next step decides again."""
     _ns_choices.forget()
 
 

@@ -185,3 +185,19 @@ def assert_decodings_agree(reference, other, *, atol: float, rtol: float = 0.0, 
         assert could[parted].all(), f"tokens differ at step {step} without a near tie"
         return step
     return len(reference)
+
+
+@pytest.fixture
+def randn_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The size of every tensor `torch.randn` makes during the test, in order (what a probe measured on)."""
+    import torch
+
+    shapes: list[tuple[int, ...]] = []
+    real_randn = torch.randn
+
+    def recording_randn(*size, **kwargs):
+        shapes.append(tuple(size))
+        return real_randn(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    return shapes

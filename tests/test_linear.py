@@ -161,17 +161,9 @@ def test_each_shape_is_measured_once_per_machine_and_remembered(measuring, monke
 
 
 @needs_onednn
-def test_the_probe_is_cheap_even_for_a_wide_output_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes: list[tuple[int, ...]] = []
-    real_randn = torch.randn
-
-    def recording_randn(*size, **kwargs):
-        shapes.append(tuple(size))
-        return real_randn(*size, **kwargs)
-
-    monkeypatch.setattr(torch, "randn", recording_randn)
+def test_the_probe_is_cheap_even_for_a_wide_output_head(randn_shapes: list[tuple[int, ...]]) -> None:
     assert lm.linear.probe(4096, 256, 8192, training=True) in ("onednn", "default")
-    assert shapes[0] == (128, 256)  # 4096 rows cut to the FLOP budget: 2 x 128 x 256 x 8192 = 2^29
+    assert randn_shapes[0] == (128, 256)  # 4096 rows cut to the FLOP budget: 2 x 128 x 256 x 8192 = 2^29
 
 
 def test_a_broken_cache_file_is_measured_again(measuring, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
