@@ -59,9 +59,8 @@ def cpu_decoder_for(model: GPT) -> CpuDecoder | None:
 
 class CpuDecoder:
     def __init__(self, model: GPT) -> None:
-        library = cpu_kernels.load()
-        assert library is not None
-        self.library, config = library, model.config
+        assert cpu_kernels.load() is not None
+        config = model.config
         self._model = weakref.ref(model)  # the decoder lives while the model does (see _decoders)
         self.config = config
         blocks = [self._block_spec(block) for block in model.blocks]
@@ -76,6 +75,20 @@ class CpuDecoder:
             _pointer(getattr(model.norm, "bias", None)), self._blocks, _linear_spec(model.lm_head))
         self._work = torch.empty(0)
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._libraries: dict[int, ctypes.CDLL] = {}  # rows per product -> the build measured fastest for them
+
+    def library(self, batch: int) -> ctypes.CDLL:
+        """The kernels' build for decoding `batch` samples at once: the one measured fastest on this
+        model's weights here (`cpu_kernels.decode_march`), picked at the first step of each batch size."""
+        if batch not in self._libraries:
+            library = cpu_kernels.load(cpu_kernels.decode_march(self.linear_specs(), batch))
+            self._libraries[batch] = library or cpu_kernels.load()
+        return self._libraries[batch]
+
+    def linear_specs(self) -> list[LinearSpec]:
+        """The linear layers a token streams through: every block's, then the output head."""
+        names = ["qkv", "proj", *(["gate"] if self.config.mlp == "swiglu" else []), "fc", "down"]
+        return [getattr(block, name) for block in self._blocks for name in names] + [self.spec.head]
 
     def _position_tables(self, model: GPT) -> dict[str, torch.Tensor]:
         """Contiguous float32 tables the kernel reads by position (kept alive here)."""
@@ -124,8 +137,9 @@ class CpuDecoder:
         ids = ids.reshape(batch).to(torch.int64).contiguous()
         logits = torch.empty(batch, config.vocab_size)
         work, scratch, x = self._buffers(batch)
-        if self.library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
-                                        cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch):
+        library = self.library(batch)
+        if library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
+                                   cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch):
             raise ValueError(f"token ids must be in [0, {config.vocab_size})")  # checked before any write
         cache.length = position + 1
         return logits

@@ -160,7 +160,7 @@ def generate_tokens(
     lean = type(model) is GPT
     cpu_decoder = cpu_decoder_for(model) if lean and cache is not None and decoder is None else None
     if cpu_decoder is not None:
-        stats.kernels = f"lm's C kernels ({cpu_kernels.kernel_name()})"
+        stats.kernels = f"lm's C kernels ({cpu_kernels.kernel_name(cpu_decoder.library(num_samples))})"
 
     def run_window() -> torch.Tensor:
         """Logits after reading the whole current window (a prefill when caching)."""

@@ -1,5 +1,7 @@
 """lm's C decode step (lm/cpu_decode.py) computes what the model's own forward pass does."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,82 @@ def test_a_model_quantized_after_decoding_gets_a_new_decoder_and_copies_are_plai
             m(ids[:, :4], cache=native)
             torch.testing.assert_close(decoder.step(ids[:, 4:], native), m(ids[:, 4:], cache=general)[0][:, -1],
                                        atol=2e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def measured_builds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """No LM_CPU_MARCH, an empty cache folder, nothing decided yet, and the builds timed here: this CPU's
+    own and plain C (which every x86-64 CPU runs). Returns the probe calls, in order, as they happen."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the builds are chosen between on x86-64 CPUs only")
+    monkeypatch.delenv(cpu_kernels.MARCH_ENV, raising=False)
+    monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "candidate_marches", lambda: ("native", "x86-64"))
+    cpu_kernels.forget_decode_marches()
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    real_probe = cpu_kernels.probe
+
+    def recording_probe(layers, rows, marches, rounds=15):
+        calls.append((cpu_kernels.layers_key(layers, rows), tuple(marches)))
+        return real_probe(layers, rows, marches, rounds)
+
+    monkeypatch.setattr(cpu_kernels, "probe", recording_probe)
+    yield calls
+    cpu_kernels.forget_decode_marches()
+
+
+def _small_model(d_model: int = 64) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, context_length=8, n_layer=2, n_head=2, d_model=d_model)
+    return prepare_for_generation(GPT(config))
+
+
+def test_the_decoder_times_the_builds_once_per_machine_model_shape_and_batch(measured_builds) -> None:
+    # (the models stay referenced: a decoder reads its model's weights in place)
+    model, same_shape, other_shape = _small_model(), _small_model(), _small_model(d_model=32)
+    decoder = cpu_decoder_for(model)
+    # Plain C (scalar float32 dot products) against this CPU's vector units: a margin no noise hides.
+    assert cpu_kernels.kernel_name(decoder.library(1)) == cpu_kernels.kernel_name(cpu_kernels.load("native"))
+    assert measured_builds == [("float32, 9 layers, 399 KiB, 1 rows", ("native", "x86-64"))]
+    decoder.library(1)
+    cpu_decoder_for(same_shape).library(1)  # decided already
+    assert len(measured_builds) == 1
+    cpu_kernels.forget_decode_marches()  # a new process reads the decision from the cache folder
+    cpu_decoder_for(model).library(1)
+    assert len(measured_builds) == 1
+    cached = json.loads((Path(os.environ["LM_CACHE_DIR"]) / cpu_kernels.CACHE_FILE).read_text())
+    assert any("float32, 9 layers, 399 KiB, 1 rows" in choices for choices in cached.values())
+    decoder.library(3)  # three samples at once: rows of four, measured again
+    cpu_decoder_for(other_shape).library(1)
+    assert [key for key, _ in measured_builds[1:]] == ["float32, 9 layers, 399 KiB, 4 rows",
+                                                      "float32, 9 layers, 104 KiB, 1 rows"]
+
+
+def test_lm_cpu_march_forces_a_build_without_measuring(measured_builds, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lm.errors import UsageError
+
+    monkeypatch.setenv(cpu_kernels.MARCH_ENV, "x86-64")
+    model, other_shape = _small_model(), _small_model(d_model=32)
+    assert cpu_kernels.kernel_name(cpu_decoder_for(model).library(1)) == "portable"
+    assert measured_builds == []
+    monkeypatch.setenv(cpu_kernels.MARCH_ENV, "pentium4")
+    with pytest.raises(UsageError, match="LM_CPU_MARCH='pentium4' is not one of auto, native, x86-64-v3, x86-64"):
+        cpu_decoder_for(other_shape).library(1)
+
+
+def test_generate_decodes_with_the_measured_build_and_says_which(measured_builds,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from lm.generate import GenerationStats, generate_tokens
+    from lm.sampling import SamplingConfig
+
+    monkeypatch.setattr(cpu_kernels, "probe", lambda layers, rows, marches, rounds=15: "x86-64")
+    model = _small_model()
+    expected = [step.ids.tolist() for step in generate_tokens(model, [1, 2], 5, SamplingConfig(temperature=0.0),
+                                                        use_cache=False)]
+    stats = GenerationStats()
+    tokens = [step.ids.tolist() for step in generate_tokens(model, [1, 2], 5, SamplingConfig(temperature=0.0),
+                                                      stats=stats)]
+    assert stats.kernels == "lm's C kernels (portable)"
+    assert tokens == expected

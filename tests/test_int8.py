@@ -78,9 +78,9 @@ def test_without_the_kernel_torch_ao_s_layers_stand_in(monkeypatch: pytest.Monke
 def test_a_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LM_CACHE_DIR", str(tmp_path))
-    cpu_kernels.load.cache_clear()
+    cpu_kernels.forget_builds()
     try:
         with pytest.warns(UserWarning, match="did not build"):
             assert cpu_kernels.load() is None
     finally:
-        cpu_kernels.load.cache_clear()
+        cpu_kernels.forget_builds()
