@@ -16,6 +16,9 @@ memory does not grow with the corpus. A record that is not JSON, lacks the field
 other than a string is counted and skipped (`RecordProblems` keeps the first file:line); reading
 fails only when no record at all is usable.
 
+Records that hold more than text (a conversation's list of messages, read by `lm.chat`) come through
+`iter_record_values`: the same files and parts, the field's value handed over for the caller to judge.
+
 Files named directly must be readable in their format; files found while walking a folder are kept
 only if they look like text (or are a known record or compressed format), so a stray image in
 `data/` is skipped and reported.
@@ -116,6 +119,11 @@ class TextFiles:
         return any(part.format in RECORD_FORMATS for part in self.parts)
 
 
+# Names a record ("file.jsonl:17"); a function because finding a line number in a part that starts
+# inside a file costs a read of the file up to it, which only the first bad record needs.
+Where = Callable[[], str]
+
+
 @dataclass
 class RecordProblems:
     """Records that could not be read (not JSON, no such field, not a string), counted as they are met."""
@@ -124,9 +132,10 @@ class RecordProblems:
     good: int = 0  # documents read: records, and text parts
     first: str = ""  # where and why the first bad record was bad: "file.jsonl:17: not JSON"
 
-    def add_bad(self, where: str, why: str, count: int = 1) -> None:
+    def add_bad(self, where: str | Where, why: str, count: int = 1) -> None:
+        """Count `count` bad records; `where` may be a function, called only for the first one."""
         if not self.bad:
-            self.first = f"{where}: {why}"
+            self.first = f"{where() if callable(where) else where}: {why}"
         self.bad += count
 
 
@@ -361,9 +370,7 @@ def iter_pieces(sources: TextFiles | Sequence[Path | TextPart], on_bytes: Callab
     and skipped; raises `InputError` when there were records and none was usable, or for text that
     is not UTF-8.
     """
-    if not isinstance(sources, TextFiles):
-        sources = TextFiles([item if isinstance(item, TextPart) else TextPart(item, 0, item.stat().st_size)
-                             for item in sources])
+    sources = _as_text_files(sources)
     problems = problems if problems is not None else RecordProblems()
     for index, part in enumerate(sources.parts):
         meter = _Meter(part.size, on_bytes)
@@ -383,6 +390,13 @@ def iter_pieces(sources: TextFiles | Sequence[Path | TextPart], on_bytes: Callab
     if problems.bad and not problems.good:
         raise InputError(f"none of the {problems.bad:,} records is usable (first: {problems.first}); "
                          f"check --text-field (now {sources.text_field!r}) and the files' format")
+
+
+def _as_text_files(sources: TextFiles | Sequence[Path | TextPart]) -> TextFiles:
+    if isinstance(sources, TextFiles):
+        return sources
+    return TextFiles([item if isinstance(item, TextPart) else TextPart(item, 0, item.stat().st_size)
+                      for item in sources])
 
 
 def iter_text_chunks(sources: TextFiles | Sequence[Path | TextPart], on_bytes: Callable[[int], None] | None = None,
@@ -511,21 +525,77 @@ def _records(part: TextPart, text_field: str, meter: _Meter, problems: RecordPro
     for number, line in _json_lines(part, meter):
         if not line.strip():
             continue  # blank lines separate nothing in JSON Lines; they are not records
-        try:
-            record = json.loads(line)
-        except ValueError:
-            why = "not JSON"
-        else:
-            value = record.get(text_field) if isinstance(record, dict) else None
+        value, why = _json_field(line, text_field)
+        if not why:
             if isinstance(value, str):
                 if value:
                     yield value
                 continue
-            why = ("not a JSON object" if not isinstance(record, dict)
-                   else f"no field {text_field!r}" if text_field not in record
-                   else f"field {text_field!r} is {type(value).__name__}, not a string")
-        where = f"{part.path}:{number() if callable(number) else number}"
-        problems.add_bad(where, why)
+            why = f"field {text_field!r} is {type(value).__name__}, not a string"
+        problems.add_bad(lambda number=number: _line_where(part.path, number), why)
+
+
+def iter_record_values(sources: TextFiles | Sequence[Path | TextPart], field_name: str, problems: RecordProblems,
+                       on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[Where, Any]]:
+    """(where, value) of `field_name` in each record of `sources`, for records that hold more than text.
+
+    The same files, parts and held-out cuts as `iter_pieces`, but the value is handed over as JSON gave
+    it (a Parquet cell as pyarrow's `to_pylist` does: a list of structs becomes a list of dicts, a null
+    None), for the caller to judge: a conversation's list of messages, say. A record that is not JSON,
+    not an object or lacks the field is counted in `problems` and skipped; the caller counts the good
+    ones. `where` names the record ("file.jsonl:17", "file.parquet: row 3") when called; hand it to
+    `RecordProblems.add_bad` as it is. Raises `InputError`, before reading anything, when a part is
+    not JSON Lines or Parquet.
+    """
+    sources = _as_text_files(sources)
+    for part in sources.parts:
+        if part.format not in RECORD_FORMATS:
+            raise InputError(f"{part.path} is not JSON Lines or Parquet; records with a {field_name!r} field are "
+                             "read from .jsonl, .jsonl.gz or .parquet files")
+    for part in sources.parts:
+        meter = _Meter(part.size, on_bytes)
+        yield from _record_values(part, field_name, meter, problems)
+        meter.finish()
+
+
+def _record_values(part: TextPart, field_name: str, meter: _Meter,
+                   problems: RecordProblems) -> Iterator[tuple[Where, Any]]:
+    path = part.path
+    if part.format == PARQUET:
+        parquet = _parquet_file(path)
+        names = parquet.schema_arrow.names
+        if field_name not in names:
+            first, stop = _row_range(part, parquet)
+            problems.add_bad(str(path), f"no column {field_name!r} (it has {', '.join(names[:8])})", count=stop - first)
+            return
+        for row, value in _parquet_rows(parquet, part, field_name, meter):
+            yield (lambda row=row: f"{path}: row {row}"), value
+        return
+    for number, line in _json_lines(part, meter):
+        if not line.strip():
+            continue
+        value, why = _json_field(line, field_name)
+        if why:
+            problems.add_bad(lambda number=number: _line_where(path, number), why)
+        else:
+            yield (lambda number=number: _line_where(path, number)), value
+
+
+def _json_field(line: bytes, field_name: str) -> tuple[Any, str]:
+    """(the value of `field_name` in one JSON Lines record, "") or (None, why the record has none)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if field_name not in record:
+        return None, f"no field {field_name!r}"
+    return record[field_name], ""
+
+
+def _line_where(path: Path, number: Any) -> str:
+    return f"{path}:{number() if callable(number) else number}"
 
 
 def _json_lines(part: TextPart, meter: _Meter) -> Iterator[tuple[Any, bytes]]:
@@ -564,23 +634,35 @@ def _parquet_records(part: TextPart, text_field: str, meter: _Meter, problems: R
     import pyarrow as pa
 
     parquet = _parquet_file(part.path)
-    first, stop = part.records if part.records is not None else (0, parquet.metadata.num_rows)
     schema = parquet.schema_arrow
     column = schema.field(text_field) if text_field in schema.names else None
     if column is None or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         why = (f"no column {text_field!r} (it has {', '.join(schema.names[:8])})" if column is None
                else f"column {text_field!r} holds {column.type}, not text")
+        first, stop = _row_range(part, parquet)
         problems.add_bad(str(part.path), why, count=stop - first)
         return
+    for row, value in _parquet_rows(parquet, part, text_field, meter):
+        if value is None:
+            problems.add_bad(f"{part.path}: row {row}", "null text")
+        elif value:
+            yield value
+
+
+def _row_range(part: TextPart, parquet: Any) -> tuple[int, int]:
+    return part.records if part.records is not None else (0, parquet.metadata.num_rows)
+
+
+def _parquet_rows(parquet: Any, part: TextPart, column: str, meter: _Meter) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, value) of `column` in each row of a Parquet part, read a batch at a time."""
+    first, stop = _row_range(part, parquet)
     row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
         values = batch.column(0)
         if row + len(values) > first:
-            for offset, value in enumerate(values.to_pylist()[max(0, first - row):stop - row]):
-                if value is None:
-                    problems.add_bad(f"{part.path}: row {row + max(0, first - row) + offset + 1}", "null text")
-                elif value:
-                    yield value
+            start = max(0, first - row)
+            for offset, value in enumerate(values.to_pylist()[start:stop - row]):
+                yield row + start + offset + 1, value
         row += len(values)
         meter.fraction((row - first) / max(1, stop - first))
         if row >= stop:
