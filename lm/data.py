@@ -34,7 +34,9 @@ import torch
 
 from lm.atomic import atomic_open, atomic_write_text
 from lm.cache import cache_dir
+from lm.chat import CutCounts
 from lm.errors import InputError
+from lm.loss import IGNORE
 from lm.textfiles import (
     TEXT,
     TEXT_FIELD,
@@ -212,6 +214,60 @@ def _batches(items: Iterator[Piece], size: int) -> Iterator[list[Piece]]:
 class Splits:
     train: torch.Tensor
     val: torch.Tensor
+    # Conversations only (`encode_conversations`): which ids are learned targets, aligned with the ids.
+    train_mask: torch.Tensor | None = None
+    val_mask: torch.Tensor | None = None
+    conversations: ConversationCounts | None = None
+
+
+@dataclass
+class ConversationCounts:
+    """What became of the conversations of a chat fine-tuning run, for its start-up lines."""
+
+    train: CutCounts
+    val: CutCounts
+    bad_records: int = 0
+    first_bad_record: str = ""
+
+
+@dataclass
+class ConversationTokens:
+    """Rendered conversations end to end: ids, and which of them the model learns (assistant turns)."""
+
+    tokens: torch.Tensor  # (n,) int64
+    learned: torch.Tensor  # (n,) bool: ids[i] is a target the loss counts
+    counts: CutCounts
+
+
+def encode_conversations(sources: TextFiles, tokenizer: Tokenizer, max_tokens: int,
+                         problems: RecordProblems | None = None) -> ConversationTokens:
+    """The `messages` records of `sources` rendered (lm/chat.py), cut to `max_tokens` ids at turn
+    boundaries, and laid end to end as one stream, the way documents are for pretraining.
+
+    Kept in memory, not cached on disk: conversation sets for fine-tuning are small, and rendering
+    them is quick next to training on them.
+    """
+    from lm.chat import read_conversations, render_conversations
+
+    counts = CutCounts()
+    ids: list[int] = []
+    learned: list[bool] = []
+    for rendered in render_conversations(read_conversations(sources, problems), tokenizer, max_tokens, counts):
+        ids.extend(rendered.ids)
+        learned.extend(rendered.mask)
+    if not ids:
+        raise InputError(f"no conversation fits in {max_tokens - 1} tokens ({counts.dropped:,} left out, each "
+                         "longer than the context with its first exchange); raise --context-length")
+    return ConversationTokens(torch.tensor(ids, dtype=torch.long), torch.tensor(learned), counts)
+
+
+def tokenize_conversation_split(text: TextSplit, tokenizer: Tokenizer, context_length: int) -> Splits:
+    """Training and validation ids and targets of conversation records (chat fine-tuning)."""
+    problems = RecordProblems()
+    train = encode_conversations(text.train, tokenizer, context_length + 1, problems)
+    val = encode_conversations(text.val, tokenizer, context_length + 1, problems)
+    counts = ConversationCounts(train.counts, val.counts, problems.bad, problems.first or "")
+    return Splits(train.tokens, val.tokens, train.learned, val.learned, counts)
 
 
 @dataclass
@@ -263,8 +319,10 @@ def check_splits(splits: Splits, context_length: int) -> Splits:
 class BatchSampler:
     """Random training windows; `state_dict()` captures where the sequence of batches stands."""
 
-    def __init__(self, tokens: torch.Tensor, context_length: int, seed: int) -> None:
+    def __init__(self, tokens: torch.Tensor, context_length: int, seed: int,
+                 learned: torch.Tensor | None = None) -> None:
         self.tokens = tokens
+        self.learned = learned  # conversations: targets outside it become IGNORE (see lm/loss.py)
         self.context_length = context_length
         self.generator = torch.Generator().manual_seed(seed)
         self._steps = torch.arange(context_length + 1)
@@ -278,8 +336,12 @@ class BatchSampler:
         high = len(self.tokens) - self.context_length  # the last start that still has a target
         offsets = torch.randint(0, high, (batch_size * world_size,), generator=self.generator)
         mine = offsets[rank * batch_size:(rank + 1) * batch_size]
-        windows = self.tokens[mine[:, None] + self._steps].long()
-        return windows[:, :-1], windows[:, 1:]
+        positions = mine[:, None] + self._steps
+        windows = self.tokens[positions].long()
+        targets = windows[:, 1:]
+        if self.learned is not None:
+            targets = targets.masked_fill(~self.learned[positions[:, 1:]], IGNORE)
+        return windows[:, :-1], targets
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

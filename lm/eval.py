@@ -111,6 +111,7 @@ def score_tokens(
     batch_size: int = 16,
     max_windows: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    learned: torch.Tensor | None = None,
 ) -> Scores:
     """Score `model` on a token stream (a `TokenCorpus`'s ids: documents each closed by <|endoftext|>).
 
@@ -118,9 +119,13 @@ def score_tokens(
     `byte_lengths[id]` is the bytes of text an id spells (0 for special tokens), on the model's device.
     `part_tokens` splits the stream into documents for per-file scores. `max_windows` scores an evenly
     spread subset of the windows (a quicker estimate, as during training); None scores them all.
+    `learned` (bool, aligned with `tokens`) scores only those ids: a conversation's assistant turns,
+    read with everything before them as context, the way chat fine-tuning learns them.
     """
     device = byte_lengths.device
     stream = scoring_stream(tokens, eot_id)
+    if learned is not None:
+        learned = torch.cat([torch.zeros(len(stream) - len(tokens), dtype=torch.bool), learned.bool()])
     plan = plan_windows(len(stream), context_length, stride)
     chosen = torch.arange(len(plan.starts))
     if max_windows is not None and max_windows < len(chosen):
@@ -142,8 +147,11 @@ def score_tokens(
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         losses = losses.view_as(targets).double()
         column = torch.arange(skip, plan.length)
-        scored = (column[None, :] >= first[:, None]).to(device)
         positions = starts[:, None] + 1 + column[None, :]  # where each target sits in the stream
+        scored = column[None, :] >= first[:, None]
+        if learned is not None:
+            scored &= learned[positions]
+        scored = scored.to(device)
         part = (torch.searchsorted(bounds, positions, right=True) - 1).clamp(0, n_parts - 1).to(device)
         lengths = byte_lengths[targets]
         is_text = scored & (lengths > 0)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from lm.linear import backward_products, forward_product, kernel_for
 
+IGNORE = -100  # a target that teaches nothing (PyTorch's ignore_index): prompt tokens of a conversation
+
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -52,15 +54,23 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     `F.cross_entropy(F.linear(hidden, weight).float(), targets)`. The fused path applies on a CPU
     outside torch.compile, where it was measured; elsewhere the plain formula. Under bfloat16 autocast
     the fused head and loss stay in float32 (the logits' precision is what the loss is made of).
+    Targets equal to `IGNORE` (a conversation's user and system tokens) are left out of the mean. On
+    the fused path a batch with none left gives a zero loss that still reaches every parameter (no NaN
+    in the step); the plain path (GPU) does not look, as looking would wait for the device every step.
     """
     fused = (hidden.device.type == "cpu" and weight.dtype == torch.float32
              and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
              and not torch.compiler.is_compiling())
     if fused:
+        learned = targets != IGNORE
+        if not bool(learned.all()):
+            if not bool(learned.any()):
+                return (hidden.sum() + weight.sum()) * 0.0
+            hidden, targets = hidden[learned], targets[learned]
         _warm_vector_math()
         with torch.autocast("cpu", enabled=False):
             return _HeadCrossEntropy.apply(hidden.float(), weight, targets)
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE)
 
 
 _vector_math_warm = False
