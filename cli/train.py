@@ -18,66 +18,81 @@ if TYPE_CHECKING:
     from lm.tokenizer import Tokenizer
     from lm.train import CpuChoices, Evaluation, Trainer, TrainOutcome, TrainUpdate
 
-MODEL = "Model (default: the preset's)"
-TRAIN = "Training (default: the preset's)"
+# `lm train --help` lists its options under these headings (cli/help_panels.py), in the order `command` first uses them.
+RUN = "Run"
+DATA = "Data"
+MODEL = "Model"
+OPTIMIZER = "Optimizer and schedule"
+EVALUATION = "Evaluation and logging"
+HARDWARE = "Hardware"
 
 
 def command(
     out: Annotated[Path, typer.Option(
-        "--out", "-o", metavar="RUN_DIR", show_default=False,
+        "--out", "-o", metavar="RUN_DIR", rich_help_panel=RUN, show_default=False,
         help="Run directory: config, weights, tokenizer, checkpoints, metrics.")],
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", metavar="N", rich_help_panel=RUN, help="Optimiser steps in the whole run.")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        "--time-budget", metavar="DURATION", rich_help_panel=RUN, show_default=False,
+        help="Train for this long instead of --max-steps (90, 90s, 10m, 2h), evaluation and saving included; "
+             "the learning-rate schedule runs over the time.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", metavar="", rich_help_panel=RUN,
+        help="Continue the run in --out from its last checkpoint. Options repeated from the command that started "
+             "it are accepted; ones that conflict are named.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", metavar="", rich_help_panel=RUN, help="Replace a run already in --out.")] = False,
+    save_every: Annotated[int | None, typer.Option(
+        "--save-every", metavar="N", rich_help_panel=RUN,
+        help="Steps between checkpoints (0: at each evaluation).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", rich_help_panel=RUN, help="Seed for initialisation, batches and samples.")] = None,
     paths: Annotated[list[str] | None, typer.Argument(
-        metavar="PATH", show_default=False,
+        metavar="PATH", rich_help_panel=DATA, show_default=False,
         help="Text files, folders or globs; with --resume, defaults to the run's own.")] = None,
     val: Annotated[list[str] | None, typer.Option(
-        "--val", metavar="PATH", show_default=False,
+        "--val", metavar="PATH", rich_help_panel=DATA, show_default=False,
         help="Validation text: files, folders or globs (repeat --val for several). They are kept out of "
              "training and out of the tokenizer trained here. Default: the last --val-fraction of the text.")
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option(
-        "--tokenizer", metavar="FILE", show_default=False,
+        "--tokenizer", metavar="FILE", rich_help_panel=DATA, show_default=False,
         help="A tokenizer.json; without it one is trained on the training text (never the validation text).")
     ] = None,
     vocab_size: Annotated[int | None, typer.Option(
-        "--vocab-size", metavar="N", show_default=False,
+        "--vocab-size", metavar="N", rich_help_panel=DATA, show_default=False,
         help="Vocabulary size of the tokenizer trained when --tokenizer is not given [default: 8192].")
     ] = None,
-    preset: Annotated[str | None, typer.Option(
-        "--preset", "-p", metavar="NAME", show_default=False,
-        help="tiny | small | gpt2 | llama (see `lm presets`) [default: tiny].")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", metavar="F", rich_help_panel=DATA,
+        help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
+             "set aside before the tokenizer is trained.")
+    ] = None,
     text_field: Annotated[str | None, typer.Option(
-        "--text-field", metavar="NAME", show_default=False,
+        "--text-field", metavar="NAME", rich_help_panel=DATA, show_default=False,
         help="JSON Lines and Parquet files: the field (column) that holds each record's text [default: text].")
     ] = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", metavar="NAME", rich_help_panel=MODEL, show_default=False,
+        help="tiny | small | gpt2 | llama (see `lm presets`) [default: tiny].")] = None,
     init_from: Annotated[Path | None, typer.Option(
-        "--init-from", metavar="RUN_DIR", show_default=False,
+        "--init-from", metavar="RUN_DIR", rich_help_panel=MODEL, show_default=False,
         help="Start a new run in --out from this run's weights, shape and tokenizer (`lm import`ed checkpoints "
              "too), with a fresh optimizer and fine-tuning defaults: lr a tenth of the source run's, 20 warmup "
              "steps, 200 steps, evaluation every 50 and before the first step. Shape options are refused; "
              "--context-length may shrink.")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", metavar="", help="Continue the run in --out from its last checkpoint. Options repeated from "
-                                     "the command that started it are accepted; ones that conflict are named.")
-    ] = False,
-    force: Annotated[bool, typer.Option(
-        "--force", "-f", metavar="", help="Replace a run already in --out.")] = False,
-    nproc: Annotated[int, typer.Option(
-        "--nproc", metavar="N", help="Train with N processes on this machine (starts torchrun for you).")] = 1,
-    fsdp: Annotated[bool | None, typer.Option(
-        "--fsdp/--ddp", show_default=False,
-        help="With several processes: shard the model (FSDP2) instead of copying it (DDP, the default).")] = None,
-    # Model shape
     n_layer: Annotated[int | None, typer.Option(
         "--n-layer", metavar="N", rich_help_panel=MODEL, help="Transformer blocks.")] = None,
     n_head: Annotated[int | None, typer.Option(
         "--n-head", metavar="N", rich_help_panel=MODEL, help="Attention heads per block.")] = None,
     d_model: Annotated[int | None, typer.Option(
         "--d-model", metavar="N", rich_help_panel=MODEL, help="Width of the residual stream.")] = None,
-    d_ff: Annotated[int | None, typer.Option(
-        "--d-ff", metavar="N", rich_help_panel=MODEL, help="Hidden width of the MLP (0: automatic).")] = None,
     context_length: Annotated[int | None, typer.Option(
         "--context-length", "-T", metavar="N", rich_help_panel=MODEL,
         help="Tokens per training window and the model's longest context.")] = None,
+    d_ff: Annotated[int | None, typer.Option(
+        "--d-ff", metavar="N", rich_help_panel=MODEL, help="Hidden width of the MLP (0: automatic).")] = None,
     pos_encoding: Annotated[str | None, typer.Option(
         "--pos-encoding", metavar="KIND", rich_help_panel=MODEL, help="learned | sinusoidal | rope.")] = None,
     norm: Annotated[str | None, typer.Option(
@@ -95,76 +110,67 @@ def command(
         help="Share the token embedding with the output head.")] = None,
     dropout: Annotated[float | None, typer.Option(
         "--dropout", metavar="P", rich_help_panel=MODEL, help="Dropout probability (0 for short runs).")] = None,
-    # Training
-    max_steps: Annotated[int | None, typer.Option(
-        "--max-steps", metavar="N", rich_help_panel=TRAIN, help="Optimiser steps in the whole run.")] = None,
-    time_budget: Annotated[str | None, typer.Option(
-        "--time-budget", metavar="DURATION", rich_help_panel=TRAIN, show_default=False,
-        help="Train for this long instead of --max-steps (90, 90s, 10m, 2h), evaluation and saving included; "
-             "the learning-rate schedule runs over the time.")] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", metavar="LR", rich_help_panel=OPTIMIZER, help="Peak learning rate (after warmup).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-B", metavar="N", rich_help_panel=OPTIMIZER,
+        help="Windows per micro-batch, all processes together.")] = None,
     optimizer: Annotated[str | None, typer.Option(
-        "--optimizer", metavar="NAME", rich_help_panel=TRAIN,
+        "--optimizer", metavar="NAME", rich_help_panel=OPTIMIZER,
         help="adamw | muon (Muon for the blocks' weight matrices, AdamW for embeddings, head, norms, biases).")
     ] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", metavar="K", rich_help_panel=OPTIMIZER, help="Micro-batches per optimiser step.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", metavar="N", rich_help_panel=OPTIMIZER,
+        help="Steps of linear warmup before the cosine decay.")] = None,
+    warmdown: Annotated[float | None, typer.Option(
+        "--warmdown", metavar="F", rich_help_panel=OPTIMIZER,
+        help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", metavar="W", rich_help_panel=OPTIMIZER,
+        help="AdamW weight decay on weight matrices.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        "--grad-clip", metavar="X", rich_help_panel=OPTIMIZER,
+        help="Clip the gradient norm to this (0: off).")] = None,
     muon_lr_scale: Annotated[float | None, typer.Option(
-        "--muon-lr-scale", metavar="X", rich_help_panel=TRAIN, help="Muon's learning rate as a multiple of --lr.")
+        "--muon-lr-scale", metavar="X", rich_help_panel=OPTIMIZER, help="Muon's learning rate as a multiple of --lr.")
     ] = None,
     muon_ns_steps: Annotated[int | None, typer.Option(
-        "--muon-ns-steps", metavar="N", rich_help_panel=TRAIN,
+        "--muon-ns-steps", metavar="N", rich_help_panel=OPTIMIZER,
         help="Newton-Schulz iterations in each Muon update (fewer: a cheaper, rougher orthogonalisation).")
     ] = None,
-    warmdown: Annotated[float | None, typer.Option(
-        "--warmdown", metavar="F", rich_help_panel=TRAIN,
-        help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN,
-        help="Windows per micro-batch, all processes together.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(
-        "--grad-accum", metavar="K", rich_help_panel=TRAIN, help="Micro-batches per optimiser step.")] = None,
-    lr: Annotated[float | None, typer.Option(
-        "--lr", metavar="LR", rich_help_panel=TRAIN, help="Peak learning rate (after warmup).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(
-        "--warmup-steps", metavar="N", rich_help_panel=TRAIN, help="Steps of linear warmup before the cosine decay.")
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option(
-        "--weight-decay", metavar="W", rich_help_panel=TRAIN, help="AdamW weight decay on weight matrices.")] = None,
-    grad_clip: Annotated[float | None, typer.Option(
-        "--grad-clip", metavar="X", rich_help_panel=TRAIN, help="Clip the gradient norm to this (0: off).")] = None,
     eval_every: Annotated[int | None, typer.Option(
-        "--eval-every", metavar="N", rich_help_panel=TRAIN, help="Steps between validation runs (and samples).")
+        "--eval-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between validation runs (and samples).")
     ] = None,
     eval_batches: Annotated[int | None, typer.Option(
-        "--eval-batches", metavar="N", rich_help_panel=TRAIN, help="Batches of validation windows per evaluation.")
-    ] = None,
-    log_every: Annotated[int | None, typer.Option(
-        "--log-every", metavar="N", rich_help_panel=TRAIN, help="Steps between lines in metrics.jsonl.")] = None,
-    save_every: Annotated[int | None, typer.Option(
-        "--save-every", metavar="N", rich_help_panel=TRAIN,
-        help="Steps between checkpoints (0: at each evaluation).")
+        "--eval-batches", metavar="N", rich_help_panel=EVALUATION, help="Batches of validation windows per evaluation.")
     ] = None,
     sample_tokens: Annotated[int | None, typer.Option(
-        "--sample-tokens", metavar="N", rich_help_panel=TRAIN, help="Tokens in the sample shown at each evaluation.")
-    ] = None,
-    val_fraction: Annotated[float | None, typer.Option(
-        "--val-fraction", metavar="F", rich_help_panel=TRAIN,
-        help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
-             "set aside before the tokenizer is trained.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(
-        "--seed", metavar="S", rich_help_panel=TRAIN, help="Seed for initialisation, batches and samples.")] = None,
+        "--sample-tokens", metavar="N", rich_help_panel=EVALUATION,
+        help="Tokens in the sample shown at each evaluation.")] = None,
+    log_every: Annotated[int | None, typer.Option(
+        "--log-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between lines in metrics.jsonl.")] = None,
     device: Annotated[str | None, typer.Option(
-        "--device", metavar="DEV", rich_help_panel=TRAIN, help="auto | cpu | cuda | mps.")] = None,
+        "--device", metavar="DEV", rich_help_panel=HARDWARE, help="auto | cpu | cuda | mps.")] = None,
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", metavar="TYPE", rich_help_panel=TRAIN,
+        "--dtype", metavar="TYPE", rich_help_panel=HARDWARE,
         help="auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU).")] = None,
     compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", rich_help_panel=TRAIN, show_default=False,
+        "--compile/--no-compile", rich_help_panel=HARDWARE, show_default=False,
         help="Compile the model with torch.compile (on GPUs: faster steps after a slow first one).")] = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", metavar="N", rich_help_panel=HARDWARE,
+        help="Train with N processes on this machine (starts torchrun for you).")] = 1,
+    fsdp: Annotated[bool | None, typer.Option(
+        "--fsdp/--ddp", rich_help_panel=HARDWARE, show_default=False,
+        help="With several processes: shard the model (FSDP2) instead of copying it (DDP, the default).")] = None,
 ) -> None:
     """Train a GPT on text: next-token prediction, checkpointed, resumable.
 
-    Presets set the model and its training defaults; any option overrides one field. Ctrl-C saves a
-    checkpoint; --resume continues exactly where it stopped.
+    Presets set the model and its training defaults; any option overrides one field, and options that
+    show no default take the preset's (`lm presets` lists them). Ctrl-C saves a checkpoint; --resume
+    continues exactly where it stopped.
     """
     from cli.render import stderr
     from lm import rundir
