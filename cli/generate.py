@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from lm.sampling import SamplingConfig
 
 SAMPLING = "Sampling (applied in this order: repetition penalty, temperature, top-k, top-p, min-p)"
+HARDWARE = "Hardware"
 
 
 def command(
@@ -42,28 +43,28 @@ def command(
     repetition_penalty: Annotated[float, typer.Option(
         "--repetition-penalty", metavar="R", rich_help_panel=SAMPLING,
         help="Divide the scores of tokens already in the text by R (1: off; 1.1-1.3 typical).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", rich_help_panel=SAMPLING, show_default=False,
+        help="Seed for sampling: the same seed gives the same text [default: random, shown by --stats].")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         "--stop", metavar="TEXT", show_default=False,
         help="Stop when this text appears (not printed); repeatable. <|endoftext|> always stops.")] = None,
     num_samples: Annotated[int, typer.Option(
         "--num-samples", metavar="N", help="Continuations to generate, in one batch from one prefill.")] = 1,
-    seed: Annotated[int | None, typer.Option(
-        "--seed", metavar="S", show_default=False,
-        help="Seed for sampling: the same seed gives the same text [default: random, shown by --stats].")] = None,
     device: Annotated[str, typer.Option(
-        "--device", metavar="DEV", help="auto | cpu | cuda | mps.")] = "auto",
+        "--device", metavar="DEV", rich_help_panel=HARDWARE, help="auto | cpu | cuda | mps.")] = "auto",
     dtype: Annotated[str, typer.Option(
-        "--dtype", metavar="TYPE",
+        "--dtype", metavar="TYPE", rich_help_panel=HARDWARE,
         help="auto | float32 | bfloat16 | float16: the weights' precision (auto: bf16 on GPUs, fp32 on CPU).")
     ] = "auto",
     quantize: Annotated[str, typer.Option(
-        "--quantize", metavar="KIND",
+        "--quantize", metavar="KIND", rich_help_panel=HARDWARE,
         help="none | int8: int8 weights in linear layers (CPU), ~4x less to read per token.")] = "none",
     kv_cache: Annotated[bool, typer.Option(
-        "--kv-cache/--no-kv-cache", show_default=False,
+        "--kv-cache/--no-kv-cache", rich_help_panel=HARDWARE, show_default=False,
         help="Cache keys and values so each token costs one step [default: on].")] = True,
     compile: Annotated[bool, typer.Option(
-        "--compile", metavar="",
+        "--compile", metavar="", rich_help_panel=HARDWARE,
         help="Compile the decode step (static shapes; CUDA graphs on GPUs): a slow start, faster steps.")] = False,
     stats: Annotated[bool, typer.Option(
         "--stats", metavar="", help="Print token counts, time to first token and tokens/s to stderr.")] = False,

@@ -23,6 +23,8 @@ FORMATS = ("table", "json", "csv")
 ROW_LABEL_WIDTH = 16
 CELL_WIDTH = 4
 OUTPUT_WIDTH = 200  # columns of what --output writes to a file
+VIEW = "View"
+OUTPUT = "Output"
 
 
 def command(
@@ -32,29 +34,30 @@ def command(
         "--text", metavar="TEXT", show_default=False, help="The text to look at.")] = None,
     text_file: Annotated[Path | None, typer.Option(
         "--text-file", metavar="FILE", show_default=False, help="Read the text from a UTF-8 file.")] = None,
-    layer: Annotated[str, typer.Option(
-        "--layer", "-l", metavar="L", help="A layer number, 'last' or 'all'.")] = "last",
-    head: Annotated[str, typer.Option(
-        "--head", metavar="H", help="A head number, 'mean' (of all heads) or 'all'.")] = "mean",
-    top: Annotated[int | None, typer.Option(
-        "--top", metavar="K", show_default=False,
-        help="One line per token: the K earlier tokens it attends to most.")] = None,
-    heads_summary: Annotated[bool, typer.Option(
-        "--heads-summary", metavar="",
-        help="One table of every layer x head: entropy, previous-token, sink, self, induction, label.")] = False,
     compare: Annotated[str | None, typer.Option(
         "--compare", metavar="TEXT2", show_default=False,
         help="Show how the tokens TEXT and TEXT2 share attend differently in each.")] = None,
+    layer: Annotated[str, typer.Option(
+        "--layer", "-l", metavar="L", rich_help_panel=VIEW, help="A layer number, 'last' or 'all'.")] = "last",
+    head: Annotated[str, typer.Option(
+        "--head", metavar="H", rich_help_panel=VIEW, help="A head number, 'mean' (of all heads) or 'all'.")] = "mean",
+    top: Annotated[int | None, typer.Option(
+        "--top", metavar="K", rich_help_panel=VIEW, show_default=False,
+        help="One line per token: the K earlier tokens it attends to most.")] = None,
+    heads_summary: Annotated[bool, typer.Option(
+        "--heads-summary", metavar="", rich_help_panel=VIEW,
+        help="One table of every layer x head: entropy, previous-token, sink, self, induction, label.")] = False,
     rows: Annotated[str | None, typer.Option(
-        "--range", metavar="START:END", show_default=False,
+        "--range", metavar="START:END", rich_help_panel=VIEW, show_default=False,
         help="Draw the query tokens at positions START to END-1 [default: the last that fit].")] = None,
     output_format: Annotated[str, typer.Option(
-        "--format", metavar="FORMAT", help="table | json | csv (json and csv carry every weight).")] = "table",
+        "--format", metavar="FORMAT", rich_help_panel=OUTPUT,
+        help="table | json | csv (json and csv carry every weight).")] = "table",
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE", show_default=False,
+        "--output", "-o", metavar="FILE", rich_help_panel=OUTPUT, show_default=False,
         help="Write to FILE instead of standard output.")] = None,
     save: Annotated[Path | None, typer.Option(
-        "--save", metavar="FILE", show_default=False,
+        "--save", metavar="FILE", rich_help_panel=OUTPUT, show_default=False,
         help="Also write FILE.html, an attention explorer page (head view, model view, gravity view) that "
              "opens offline in a browser, or FILE.svg, what is drawn here.")] = None,
 ) -> None:

@@ -21,6 +21,7 @@ from cli import (
     train,
     train_tokenizer,
 )
+from cli.help_panels import GroupedHelpCommand
 
 app = typer.Typer(
     name="lm",
@@ -43,6 +44,8 @@ app.command("export")(export.command)
 app.command("import")(import_hf.command)
 app.command("info")(info.command)
 app.command("presets")(presets.command)
+for registered in app.registered_commands:
+    registered.cls = GroupedHelpCommand  # --help lists options under their panels (cli/help_panels.py)
 
 
 def _version(value: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,72 +13,88 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from lm.data import TokenCorpus
+    from lm.config import ModelConfig, TrainConfig
+    from lm.data import Splits, TextSplit, TokenCorpus
     from lm.distributed import Distributed
     from lm.textfiles import TextFiles
     from lm.tokenizer import Tokenizer
     from lm.train import CpuChoices, Evaluation, Trainer, TrainOutcome, TrainUpdate
 
-MODEL = "Model (default: the preset's)"
-TRAIN = "Training (default: the preset's)"
+# `lm train --help` lists its options under these headings (cli/help_panels.py), in the order `command` first uses them.
+RUN = "Run"
+DATA = "Data"
+MODEL = "Model"
+OPTIMIZER = "Optimizer and schedule"
+EVALUATION = "Evaluation and logging"
+HARDWARE = "Hardware"
 
 
 def command(
     out: Annotated[Path, typer.Option(
-        "--out", "-o", metavar="RUN_DIR", show_default=False,
+        "--out", "-o", metavar="RUN_DIR", rich_help_panel=RUN, show_default=False,
         help="Run directory: config, weights, tokenizer, checkpoints, metrics.")],
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", metavar="N", rich_help_panel=RUN, help="Optimiser steps in the whole run.")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        "--time-budget", metavar="DURATION", rich_help_panel=RUN, show_default=False,
+        help="Train for this long instead of --max-steps (90, 90s, 10m, 2h), evaluation and saving included; "
+             "the learning-rate schedule runs over the time.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", metavar="", rich_help_panel=RUN,
+        help="Continue the run in --out from its last checkpoint. Options repeated from the command that started "
+             "it are accepted; ones that conflict are named.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", metavar="", rich_help_panel=RUN, help="Replace a run already in --out.")] = False,
+    save_every: Annotated[int | None, typer.Option(
+        "--save-every", metavar="N", rich_help_panel=RUN,
+        help="Steps between checkpoints (0: at each evaluation).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", rich_help_panel=RUN, help="Seed for initialisation, batches and samples.")] = None,
     paths: Annotated[list[str] | None, typer.Argument(
-        metavar="PATH", show_default=False,
+        metavar="PATH", rich_help_panel=DATA, show_default=False,
         help="Text files, folders or globs; with --resume, defaults to the run's own.")] = None,
     val: Annotated[list[str] | None, typer.Option(
-        "--val", metavar="PATH", show_default=False,
+        "--val", metavar="PATH", rich_help_panel=DATA, show_default=False,
         help="Validation text: files, folders or globs (repeat --val for several). They are kept out of "
              "training and out of the tokenizer trained here. Default: the last --val-fraction of the text.")
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option(
-        "--tokenizer", metavar="FILE", show_default=False,
+        "--tokenizer", metavar="FILE", rich_help_panel=DATA, show_default=False,
         help="A tokenizer.json; without it one is trained on the training text (never the validation text).")
     ] = None,
     vocab_size: Annotated[int | None, typer.Option(
-        "--vocab-size", metavar="N", show_default=False,
+        "--vocab-size", metavar="N", rich_help_panel=DATA, show_default=False,
         help="Vocabulary size of the tokenizer trained when --tokenizer is not given [default: 8192].")
     ] = None,
-    preset: Annotated[str | None, typer.Option(
-        "--preset", "-p", metavar="NAME", show_default=False,
-        help="tiny | small | gpt2 | llama (see `lm presets`) [default: tiny].")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", metavar="F", rich_help_panel=DATA,
+        help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
+             "set aside before the tokenizer is trained.")
+    ] = None,
     text_field: Annotated[str | None, typer.Option(
-        "--text-field", metavar="NAME", show_default=False,
+        "--text-field", metavar="NAME", rich_help_panel=DATA, show_default=False,
         help="JSON Lines and Parquet files: the field (column) that holds each record's text [default: text].")
     ] = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", metavar="NAME", rich_help_panel=MODEL, show_default=False,
+        help="tiny | small | gpt2 | llama (see `lm presets`) [default: tiny].")] = None,
     init_from: Annotated[Path | None, typer.Option(
-        "--init-from", metavar="RUN_DIR", show_default=False,
+        "--init-from", metavar="RUN_DIR", rich_help_panel=MODEL, show_default=False,
         help="Start a new run in --out from this run's weights, shape and tokenizer (`lm import`ed checkpoints "
              "too), with a fresh optimizer and fine-tuning defaults: lr a tenth of the source run's, 20 warmup "
              "steps, 200 steps, evaluation every 50 and before the first step. Shape options are refused; "
              "--context-length may shrink.")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", metavar="", help="Continue the run in --out from its last checkpoint. Options repeated from "
-                                     "the command that started it are accepted; ones that conflict are named.")
-    ] = False,
-    force: Annotated[bool, typer.Option(
-        "--force", "-f", metavar="", help="Replace a run already in --out.")] = False,
-    nproc: Annotated[int, typer.Option(
-        "--nproc", metavar="N", help="Train with N processes on this machine (starts torchrun for you).")] = 1,
-    fsdp: Annotated[bool | None, typer.Option(
-        "--fsdp/--ddp", show_default=False,
-        help="With several processes: shard the model (FSDP2) instead of copying it (DDP, the default).")] = None,
-    # Model shape
     n_layer: Annotated[int | None, typer.Option(
         "--n-layer", metavar="N", rich_help_panel=MODEL, help="Transformer blocks.")] = None,
     n_head: Annotated[int | None, typer.Option(
         "--n-head", metavar="N", rich_help_panel=MODEL, help="Attention heads per block.")] = None,
     d_model: Annotated[int | None, typer.Option(
         "--d-model", metavar="N", rich_help_panel=MODEL, help="Width of the residual stream.")] = None,
-    d_ff: Annotated[int | None, typer.Option(
-        "--d-ff", metavar="N", rich_help_panel=MODEL, help="Hidden width of the MLP (0: automatic).")] = None,
     context_length: Annotated[int | None, typer.Option(
         "--context-length", "-T", metavar="N", rich_help_panel=MODEL,
         help="Tokens per training window and the model's longest context.")] = None,
+    d_ff: Annotated[int | None, typer.Option(
+        "--d-ff", metavar="N", rich_help_panel=MODEL, help="Hidden width of the MLP (0: automatic).")] = None,
     pos_encoding: Annotated[str | None, typer.Option(
         "--pos-encoding", metavar="KIND", rich_help_panel=MODEL, help="learned | sinusoidal | rope.")] = None,
     norm: Annotated[str | None, typer.Option(
@@ -95,108 +112,156 @@ def command(
         help="Share the token embedding with the output head.")] = None,
     dropout: Annotated[float | None, typer.Option(
         "--dropout", metavar="P", rich_help_panel=MODEL, help="Dropout probability (0 for short runs).")] = None,
-    # Training
-    max_steps: Annotated[int | None, typer.Option(
-        "--max-steps", metavar="N", rich_help_panel=TRAIN, help="Optimiser steps in the whole run.")] = None,
-    time_budget: Annotated[str | None, typer.Option(
-        "--time-budget", metavar="DURATION", rich_help_panel=TRAIN, show_default=False,
-        help="Train for this long instead of --max-steps (90, 90s, 10m, 2h), evaluation and saving included; "
-             "the learning-rate schedule runs over the time.")] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", metavar="LR", rich_help_panel=OPTIMIZER, help="Peak learning rate (after warmup).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-B", metavar="N", rich_help_panel=OPTIMIZER,
+        help="Windows per micro-batch, all processes together.")] = None,
     optimizer: Annotated[str | None, typer.Option(
-        "--optimizer", metavar="NAME", rich_help_panel=TRAIN,
+        "--optimizer", metavar="NAME", rich_help_panel=OPTIMIZER,
         help="adamw | muon (Muon for the blocks' weight matrices, AdamW for embeddings, head, norms, biases).")
     ] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", metavar="K", rich_help_panel=OPTIMIZER, help="Micro-batches per optimiser step.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", metavar="N", rich_help_panel=OPTIMIZER,
+        help="Steps of linear warmup before the cosine decay.")] = None,
+    warmdown: Annotated[float | None, typer.Option(
+        "--warmdown", metavar="F", rich_help_panel=OPTIMIZER,
+        help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", metavar="W", rich_help_panel=OPTIMIZER,
+        help="AdamW weight decay on weight matrices.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        "--grad-clip", metavar="X", rich_help_panel=OPTIMIZER,
+        help="Clip the gradient norm to this (0: off).")] = None,
     muon_lr_scale: Annotated[float | None, typer.Option(
-        "--muon-lr-scale", metavar="X", rich_help_panel=TRAIN, help="Muon's learning rate as a multiple of --lr.")
+        "--muon-lr-scale", metavar="X", rich_help_panel=OPTIMIZER, help="Muon's learning rate as a multiple of --lr.")
     ] = None,
     muon_ns_steps: Annotated[int | None, typer.Option(
-        "--muon-ns-steps", metavar="N", rich_help_panel=TRAIN,
+        "--muon-ns-steps", metavar="N", rich_help_panel=OPTIMIZER,
         help="Newton-Schulz iterations in each Muon update (fewer: a cheaper, rougher orthogonalisation).")
     ] = None,
-    warmdown: Annotated[float | None, typer.Option(
-        "--warmdown", metavar="F", rich_help_panel=TRAIN,
-        help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", "-B", metavar="N", rich_help_panel=TRAIN,
-        help="Windows per micro-batch, all processes together.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(
-        "--grad-accum", metavar="K", rich_help_panel=TRAIN, help="Micro-batches per optimiser step.")] = None,
-    lr: Annotated[float | None, typer.Option(
-        "--lr", metavar="LR", rich_help_panel=TRAIN, help="Peak learning rate (after warmup).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(
-        "--warmup-steps", metavar="N", rich_help_panel=TRAIN, help="Steps of linear warmup before the cosine decay.")
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option(
-        "--weight-decay", metavar="W", rich_help_panel=TRAIN, help="AdamW weight decay on weight matrices.")] = None,
-    grad_clip: Annotated[float | None, typer.Option(
-        "--grad-clip", metavar="X", rich_help_panel=TRAIN, help="Clip the gradient norm to this (0: off).")] = None,
     eval_every: Annotated[int | None, typer.Option(
-        "--eval-every", metavar="N", rich_help_panel=TRAIN, help="Steps between validation runs (and samples).")
+        "--eval-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between validation runs (and samples).")
     ] = None,
     eval_batches: Annotated[int | None, typer.Option(
-        "--eval-batches", metavar="N", rich_help_panel=TRAIN, help="Batches of validation windows per evaluation.")
-    ] = None,
-    log_every: Annotated[int | None, typer.Option(
-        "--log-every", metavar="N", rich_help_panel=TRAIN, help="Steps between lines in metrics.jsonl.")] = None,
-    save_every: Annotated[int | None, typer.Option(
-        "--save-every", metavar="N", rich_help_panel=TRAIN,
-        help="Steps between checkpoints (0: at each evaluation).")
+        "--eval-batches", metavar="N", rich_help_panel=EVALUATION, help="Batches of validation windows per evaluation.")
     ] = None,
     sample_tokens: Annotated[int | None, typer.Option(
-        "--sample-tokens", metavar="N", rich_help_panel=TRAIN, help="Tokens in the sample shown at each evaluation.")
-    ] = None,
-    val_fraction: Annotated[float | None, typer.Option(
-        "--val-fraction", metavar="F", rich_help_panel=TRAIN,
-        help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
-             "set aside before the tokenizer is trained.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(
-        "--seed", metavar="S", rich_help_panel=TRAIN, help="Seed for initialisation, batches and samples.")] = None,
+        "--sample-tokens", metavar="N", rich_help_panel=EVALUATION,
+        help="Tokens in the sample shown at each evaluation.")] = None,
+    log_every: Annotated[int | None, typer.Option(
+        "--log-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between lines in metrics.jsonl.")] = None,
     device: Annotated[str | None, typer.Option(
-        "--device", metavar="DEV", rich_help_panel=TRAIN, help="auto | cpu | cuda | mps.")] = None,
+        "--device", metavar="DEV", rich_help_panel=HARDWARE, help="auto | cpu | cuda | mps.")] = None,
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", metavar="TYPE", rich_help_panel=TRAIN,
+        "--dtype", metavar="TYPE", rich_help_panel=HARDWARE,
         help="auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU).")] = None,
     compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", rich_help_panel=TRAIN, show_default=False,
+        "--compile/--no-compile", rich_help_panel=HARDWARE, show_default=False,
         help="Compile the model with torch.compile (on GPUs: faster steps after a slow first one).")] = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", metavar="N", rich_help_panel=HARDWARE,
+        help="Train with N processes on this machine (starts torchrun for you).")] = 1,
+    fsdp: Annotated[bool | None, typer.Option(
+        "--fsdp/--ddp", rich_help_panel=HARDWARE, show_default=False,
+        help="With several processes: shard the model (FSDP2) instead of copying it (DDP, the default).")] = None,
 ) -> None:
     """Train a GPT on text: next-token prediction, checkpointed, resumable.
 
-    Presets set the model and its training defaults; any option overrides one field. Ctrl-C saves a
-    checkpoint; --resume continues exactly where it stopped.
+    Presets set the model and its training defaults; any option overrides one field, and options that
+    show no default take the preset's (`lm presets` lists them). Ctrl-C saves a checkpoint; --resume
+    continues exactly where it stopped.
     """
     from cli.render import stderr
-    from lm import rundir
-    from lm.config import parse_duration, to_dict, with_overrides
-    from lm.config import preset as named_preset
-    from lm.errors import UsageError
 
     model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
                        "context_length": context_length, "pos_encoding": pos_encoding, "norm": norm, "mlp": mlp,
                        "qk_norm": qk_norm, "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout}
-    budget = parse_duration(time_budget) if time_budget is not None else None
+    train_overrides = {"max_steps": max_steps, "time_budget": _time_budget(time_budget, max_steps),
+                       "optimizer": optimizer, "muon_lr_scale": muon_lr_scale, "muon_ns_steps": muon_ns_steps,
+                       "warmdown": warmdown, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                       "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
+                       "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
+                       "save_every": save_every, "sample_tokens": sample_tokens, "val_fraction": val_fraction,
+                       "seed": seed, "device": device, "dtype": dtype, "compile": compile, "fsdp": fsdp}
+    # Everything that can be wrong is checked before anything is written or deleted.
+    plan = _plan_run(out, paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
+                     text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,
+                     model_overrides=model_overrides, train_overrides=train_overrides)
+    _check_plan(plan, nproc, optimizer_given=optimizer is not None, console=stderr())
+    from lm.distributed import launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        raise typer.Exit(_launch_processes(nproc))
+    _check_run_dir(plan)
+    outcome = _train(plan)
+    if outcome.status == "interrupted":
+        raise typer.Exit(130)
+
+
+@dataclass
+class RunPlan:
+    """What `lm train` will do, settled from its flags (and, resuming, from the run's config.json)."""
+
+    out: Path
+    model: ModelConfig
+    train: TrainConfig
+    paths: list[str]
+    val: list[str] | None
+    tokenizer: Path | None  # the tokenizer.json to use; None: train one on the training text
+    vocab_size: int | None  # of a tokenizer trained here
+    text_field: str
+    resume: bool
+    force: bool
+    init_from: Path | None
+    init_weights: Path | None  # --init-from's weights file
+    saved: dict[str, Any]  # config.json facts carried over: the preset's name, --init-from's origin, the run's own
+    resumed_model: ModelConfig | None  # the shape of the run --resume continues
+
+
+@dataclass
+class TrainingText:
+    """The run's text, encoded, and what config.json says about it."""
+
+    tokenizer: Tokenizer
+    splits: Splits
+    model: ModelConfig  # the plan's, with the tokenizer's vocabulary
+    facts: dict[str, Any]
+
+
+def _time_budget(text: str | None, max_steps: int | None) -> float | None:
+    """--time-budget in seconds (None without it); it replaces --max-steps."""
+    from lm.config import parse_duration
+    from lm.errors import UsageError
+
+    budget = parse_duration(text) if text is not None else None
     if budget is not None and max_steps is not None:
         raise UsageError("--time-budget replaces --max-steps; give one of them")
-    train_overrides = {"max_steps": max_steps, "time_budget": budget, "optimizer": optimizer,
-                       "muon_lr_scale": muon_lr_scale, "muon_ns_steps": muon_ns_steps, "warmdown": warmdown,
-                       "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps,
-                       "weight_decay": weight_decay, "grad_clip": grad_clip, "eval_every": eval_every,
-                       "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every,
-                       "sample_tokens": sample_tokens, "val_fraction": val_fraction, "seed": seed, "device": device,
-                       "dtype": dtype, "compile": compile, "fsdp": fsdp}
-    console = stderr()
+    return budget
 
-    # Everything that can be wrong is checked before anything is written or deleted.
-    saved: dict[str, Any] = {}
+
+def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, tokenizer: Path | None,
+              vocab_size: int | None, preset: str | None, text_field: str | None, val_fraction: float | None,
+              init_from: Path | None, resume: bool, force: bool, model_overrides: dict[str, Any],
+              train_overrides: dict[str, Any]) -> RunPlan:
+    """The configs and text of the run: the run's own on --resume, the source's with --init-from, else a
+    preset's; the flags given override them."""
+    from lm import rundir
+    from lm.config import preset as named_preset
+    from lm.config import with_overrides
+    from lm.errors import UsageError
+
     init_weights: Path | None = None
+    resumed_model: ModelConfig | None = None
     if resume:
         info = rundir.read_config(out)
-        saved = info.extra
         _check_resume_agrees(out, info, paths=paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size,
                              preset=preset, text_field=text_field, val_fraction=val_fraction, init_from=init_from,
                              model_overrides=model_overrides)
-        model_config, train_config = info.model, with_overrides(info.train, train_overrides)
+        model, train, saved = info.model, with_overrides(info.train, train_overrides), info.extra
+        resumed_model = info.model
         paths = saved.get("corpus", {}).get("paths") or paths
         if not paths:
             raise UsageError(f"{out}/config.json does not say what text the run was trained on; pass the PATHs")
@@ -204,7 +269,7 @@ def command(
         val = saved.get("validation", {}).get("paths")
         text_field = saved.get("corpus", {}).get("text_field", "text")
     elif init_from is not None:
-        model_config, train_config, init_weights, saved = _init_from(
+        model, train, init_weights, saved = _init_from(
             init_from, out, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
             model_overrides=model_overrides, train_overrides=train_overrides)
         tokenizer = init_from / rundir.TOKENIZER
@@ -212,93 +277,132 @@ def command(
         if not paths:
             raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
         chosen = named_preset(preset or "tiny")
-        model_config = with_overrides(chosen.model, model_overrides)
-        train_config = with_overrides(chosen.train, train_overrides)
+        model = with_overrides(chosen.model, model_overrides)
+        train = with_overrides(chosen.train, train_overrides)
         saved = {"preset": chosen.name}
     if not paths:
         raise UsageError("no training text given; pass text files, folders or globs (see `lm train --help`)")
-    text_field = text_field or "text"
+    return RunPlan(out, model, train, paths, val, tokenizer, vocab_size, text_field or "text", resume, force,
+                   init_from, init_weights, saved, resumed_model)
+
+
+def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, console: Console) -> None:
+    """Validate the configs and the process count; under FSDP the preset's Muon gives way to AdamW."""
     from lm.config import MUON_UNDER_FSDP
     from lm.distributed import launched_by_torchrun
+    from lm.errors import UsageError
 
-    if train_config.fsdp and train_config.optimizer == "muon" and optimizer is None and not resume:
+    train = plan.train
+    if train.fsdp and train.optimizer == "muon" and not optimizer_given and not plan.resume:
         # The preset's Muon orthogonalises whole matrices, which FSDP shards: AdamW, unless asked for.
-        train_config.optimizer = "adamw"
+        train.optimizer = "adamw"
         if not launched_by_torchrun():
             console.print("note: --fsdp shards the weight matrices Muon treats whole, so this run uses AdamW "
                           "(the preset's Muon needs --ddp)")
-    if train_config.fsdp and train_config.optimizer == "muon" and nproc > 1:
+    if train.fsdp and train.optimizer == "muon" and nproc > 1:
         raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start
-    train_config.validate()
-    model_config.validate()
+    train.validate()
+    plan.model.validate()
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-
     if nproc > 1 and not launched_by_torchrun():
         from lm.train import check_batch_split
 
-        check_batch_split(train_config.batch_size, nproc)
-        raise typer.Exit(_launch_processes(nproc))
-    if resume:
-        rundir.prepare_run_dir(out, resume=True, force=False)
-    elif rundir.is_run(out) and not force:
-        rundir.prepare_run_dir(out, resume=False, force=False)  # raises: a run is there already
+        check_batch_split(train.batch_size, nproc)
 
+
+def _check_run_dir(plan: RunPlan) -> None:
+    """--resume needs a run in --out; a new run refuses to replace one without --force."""
+    from lm import rundir
+
+    if plan.resume:
+        rundir.prepare_run_dir(plan.out, resume=True, force=False)
+    elif rundir.is_run(plan.out) and not plan.force:
+        rundir.prepare_run_dir(plan.out, resume=False, force=False)  # raises: a run is there already
+
+
+def _train(plan: RunPlan) -> TrainOutcome:
+    """Prepare the text, build the trainer and run it with a progress display, in each process of the run."""
     # Only now the heavy imports (torch): the checks above answer at once.
-    from lm import distributed
-    from lm.data import Splits, check_splits, split_text
+    from cli.render import stderr
+    from lm import distributed, rundir
+    from lm.data import split_text
     from lm.device import resolve_device, resolve_dtype
-    from lm.tokenizer import Tokenizer
-    from lm.train import Trainer, TrainingSetup, check_batch_split
 
-    torch_device = resolve_device(train_config.device)
-    resolve_dtype(train_config.dtype, torch_device)
-    text = split_text(paths, val, train_config.val_fraction, exclude=[out / rundir.TOKENIZER], text_field=text_field)
+    torch_device = resolve_device(plan.train.device)
+    resolve_dtype(plan.train.dtype, torch_device)
+    text = split_text(plan.paths, plan.val, plan.train.val_fraction, exclude=[plan.out / rundir.TOKENIZER],
+                      text_field=plan.text_field)
     context = distributed.init(torch_device.type)
     # Other processes print nothing: their errors still reach standard error.
     console = stderr() if context.is_main else Console(quiet=True)
     try:
-        check_batch_split(train_config.batch_size, context.world_size)
-        _describe_validation(console, text.record, val_given=bool(val),
-                             tokenizer=None if resume or init_from else tokenizer, train_paths=paths)
-        tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else _shared_tokenizer(
-            context, text.train, vocab_size or 8192, console)
-        model_config = with_overrides(model_config, {"vocab_size": tok.vocab_size})
-        if resume:
-            rundir.check_same_model(info.model, model_config)
-        corpus = _shared_corpus(context, text.train, tok, console)
-        val_corpus = _shared_corpus(context, text.val, tok, console, what="validation")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
-        splits = check_splits(Splits(train=corpus.tokens, val=val_corpus.tokens), model_config.context_length)
-        facts = [to_dict(model_config), to_dict(train_config), len(corpus.tokens), corpus.path.name,
-                 val_corpus.path.name]
-        distributed.check_same(context, "configuration or training text", facts)
-        if not resume and context.is_main:
-            rundir.prepare_run_dir(out, resume=False, force=force)
+        encoded = _prepare_data(plan, text, context, console)
+        if not plan.resume and context.is_main:  # every check has passed: only now is an old run replaced
+            rundir.prepare_run_dir(plan.out, resume=False, force=plan.force)
         distributed.barrier(context)
-        # Absolute paths, so that --resume (which reuses them) works from any folder.
-        extra = {**saved, "corpus": {"paths": [os.path.abspath(p) for p in paths], "files": corpus.files,
-                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
-                                     "text_field": text_field},
-                 "validation": {**text.record, "tokens": len(val_corpus.tokens),
-                                "tokenizer": saved.get("validation", {}).get("tokenizer") or (
-                                    f"from --init-from {init_from}" if init_from is not None
-                                    else "given with --tokenizer" if tokenizer is not None
-                                    else "trained here, on the training text only")}}
-        setup = TrainingSetup(out, model_config, train_config, tok, splits, resume=resume, distributed=context,
-                              extra_config=extra, init_weights=init_weights, evaluate_at_start=init_from is not None)
-        trainer = Trainer(setup)
-        cpu_choices = trainer.choose_cpu_options()  # in every process: they must agree on Muon's precision
-        _describe_start(console, trainer)
-        if cpu_choices is not None:
-            console.print(_describe_cpu(cpu_choices))
+        trainer = _build_trainer(plan, encoded, context, console)
         outcome = _run_with_progress(trainer, console)
         if context.is_main:
-            _describe_end(outcome, out)
+            _describe_end(outcome, plan.out)
     finally:
         distributed.shutdown(context)
-    if outcome.status == "interrupted":
-        raise typer.Exit(130)
+    return outcome
+
+
+def _prepare_data(plan: RunPlan, text: TextSplit, context: Distributed, console: Console) -> TrainingText:
+    """The tokenizer (given, or trained by the first process) and both splits encoded, checked to be the same
+    in every process."""
+    from lm import distributed, rundir
+    from lm.config import to_dict, with_overrides
+    from lm.data import Splits, check_splits
+    from lm.tokenizer import Tokenizer
+    from lm.train import check_batch_split
+
+    check_batch_split(plan.train.batch_size, context.world_size)
+    _describe_validation(console, text.record, val_given=bool(plan.val),
+                         tokenizer=None if plan.resume or plan.init_from else plan.tokenizer, train_paths=plan.paths)
+    tok = Tokenizer.from_file(plan.tokenizer) if plan.tokenizer is not None else _shared_tokenizer(
+        context, text.train, plan.vocab_size or 8192, console)
+    model = with_overrides(plan.model, {"vocab_size": tok.vocab_size})
+    if plan.resumed_model is not None:
+        rundir.check_same_model(plan.resumed_model, model)
+    corpus = _shared_corpus(context, text.train, tok, console)
+    val_corpus = _shared_corpus(context, text.val, tok, console, what="validation")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
+    splits = check_splits(Splits(train=corpus.tokens, val=val_corpus.tokens), model.context_length)
+    facts = [to_dict(model), to_dict(plan.train), len(corpus.tokens), corpus.path.name, val_corpus.path.name]
+    distributed.check_same(context, "configuration or training text", facts)
+    return TrainingText(tok, splits, model, _config_facts(plan, text.record, corpus, val_corpus))
+
+
+def _config_facts(plan: RunPlan, validation: dict[str, Any], corpus: TokenCorpus,
+                  val_corpus: TokenCorpus) -> dict[str, Any]:
+    """What config.json records beside the configs: the text trained and validated on, and the plan's own facts."""
+    # Absolute paths, so that --resume (which reuses them) works from any folder.
+    return {**plan.saved, "corpus": {"paths": [os.path.abspath(p) for p in plan.paths], "files": corpus.files,
+                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
+                                     "text_field": plan.text_field},
+            "validation": {**validation, "tokens": len(val_corpus.tokens),
+                           "tokenizer": plan.saved.get("validation", {}).get("tokenizer") or (
+                               f"from --init-from {plan.init_from}" if plan.init_from is not None
+                               else "given with --tokenizer" if plan.tokenizer is not None
+                               else "trained here, on the training text only")}}
+
+
+def _build_trainer(plan: RunPlan, encoded: TrainingText, context: Distributed, console: Console) -> Trainer:
+    """The trainer, its CPU choices settled (in every process: they must agree on Muon's precision), described."""
+    from lm.train import Trainer, TrainingSetup
+
+    setup = TrainingSetup(plan.out, encoded.model, plan.train, encoded.tokenizer, encoded.splits,
+                          resume=plan.resume, distributed=context, extra_config=encoded.facts,
+                          init_weights=plan.init_weights, evaluate_at_start=plan.init_from is not None)
+    trainer = Trainer(setup)
+    cpu_choices = trainer.choose_cpu_options()
+    _describe_start(console, trainer)
+    if cpu_choices is not None:
+        console.print(_describe_cpu(cpu_choices))
+    return trainer
 
 
 SHAPE_OPTIONS = ("n_layer", "n_head", "d_model", "d_ff", "pos_encoding", "norm", "mlp", "bias", "tie_embeddings")

@@ -4,6 +4,12 @@ Each step shows the model windows of text and asks it, at every position, for th
 loss is the cross-entropy of its predicted distribution against the token that really came next.
 Backpropagation gives every weight's gradient and AdamW moves the weights a little against it.
 
+`Trainer.run` is the loop, and `Trainer._train_step` the step (batch, forward, loss, backward, optimiser
+step). The pieces they lean on follow the trainer, each on its own: `RunLength` (when the run ends: its
+steps or its time budget, and the clock the learning-rate schedule follows), `Validation` (scoring the
+held-out text and sampling, and when), `Checkpoints` (what a checkpoint holds, when one is written,
+restoring it) and `TrainingMeter` (the loss and speed between log lines).
+
 Speed on a GPU comes from bf16 autocast (fp16 with a gradient scaler where bf16 is missing), TF32
 matrix products, fused attention kernels, the fused AdamW and, optionally, `torch.compile`. On a CPU
 the same code runs in float32, its linear layers on oneDNN's matrix products (lm/linear.py).
@@ -17,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +50,7 @@ from lm.device import (
 )
 from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
-from lm.eval import plan_windows, score_tokens
+from lm.eval import Scores, plan_windows, score_tokens
 from lm.generate import complete
 from lm.linear import kernel_for, onednn_available, requested_kernel
 from lm.model import GPT
@@ -152,53 +158,171 @@ def flops_per_token(model: GPT) -> float:
 
 
 class Trainer:
-    """Holds the model, optimiser, data sampler and counters of one run."""
+    """Holds the model, optimiser, data sampler and counters of one run, and runs its loop (`run`).
+
+    The loop's pieces, below the class: `length` (RunLength), `validation` (Validation), `checkpoints`
+    (Checkpoints), and a TrainingMeter per call of `run`.
+    """
 
     def __init__(self, setup: TrainingSetup) -> None:
         self.setup = setup
-        self.config = setup.train_config
+        self.config = config = setup.train_config
         self.dist = setup.distributed
-        self.device = resolve_device(self.config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)  # each process on its own GPU
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         configure_matmul(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(config.seed)
         self.model = GPT(setup.model_config).to(self.device)
         self.flops_per_token = flops_per_token(self.model)  # before sharding: it counts whole matrices
         if self.dist.is_main:
-            self._write_run_files()
+            write_run_files(setup, self.model.num_parameters())
         resumed = checkpoint.load_training_state(setup.run_dir) if setup.resume else None
         if resumed is not None:
             checkpoint.load_weights(self.model, resumed[0] / rundir.WEIGHTS)
         elif setup.init_weights is not None:
             checkpoint.load_weights(self.model, setup.init_weights, shorter_context=True)
-        check_batch_split(self.config.batch_size, self.dist.world_size)
+        check_batch_split(config.batch_size, self.dist.world_size)
         check_splits(setup.splits, setup.model_config.context_length)
-        self.fsdp = self.config.fsdp and self.dist.enabled
+        self.fsdp = config.fsdp and self.dist.enabled
         # The module the training step runs: DDP around the model, or the model itself, sharded.
         self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
-        if self.fsdp and self.config.optimizer == "muon":
+        if self.fsdp and config.optimizer == "muon":
             raise UsageError(MUON_UNDER_FSDP)
-        self.optimizers = make_optimizers(self.model, self.config, self.device)
+        self.optimizers = make_optimizers(self.model, config, self.device)
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, self.config.seed)
-        self.step = 0
-        self.elapsed_s = 0.0
-        self.tokens_seen = 0
+        self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, config.seed)
+        self.checkpoints = Checkpoints(self, config.checkpoint_every)
+        self.step, self.elapsed_s, self.tokens_seen = 0, 0.0, 0
         if resumed is not None:
-            self._restore(resumed[1])
-        self.forward = torch.compile(self.network) if self.config.compile else self.network
-        self.byte_lengths = token_byte_lengths(setup.tokenizer).to(self.device)
-        # What the closing evaluation and checkpoint cost, for a time budget to leave room for them.
-        self._val_windows = len(plan_windows(len(setup.splits.val) + 1, setup.model_config.context_length).starts)
-        self._window_seconds: float | None = None
-        self._sample_seconds = 0.0
-        self._save_seconds = 0.0
+            self.step, self.elapsed_s, self.tokens_seen = self.checkpoints.restore(resumed[1])
+        self.forward = torch.compile(self.network) if config.compile else self.network
+        self.validation = Validation(self.model, setup, self.device, self.dtype)
+        self.length = RunLength(config, self.dist, self.device, self.validation, self.checkpoints)
         self.peak = peak_flops(self.device, self.dtype)
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.config
+        return c.batch_size * c.grad_accum * self.setup.model_config.context_length
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def run(self, on_update: Callable[[TrainUpdate], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
+        """Train until `max_steps` (or the time budget) or until `should_stop()` says so; checkpoint on the
+        way and at the end."""
+        config, length, validation, checkpoints = self.config, self.length, self.validation, self.checkpoints
+        if self.step > 0 and length.finished(self.step, self.elapsed_s):  # a new run takes at least one step
+            return TrainOutcome("already-done", self.step, length.max_steps, self.elapsed_s)
+        self.model.train()
+        meter = TrainingMeter(self.dist, self.device, self.tokens_per_step, self.flops_per_token, self.peak, config.lr)
+        evaluation = None
+        length.start(self.elapsed_s)
+        if self.step == 0 and self.setup.evaluate_at_start and not self.setup.resume:
+            evaluation = self._evaluate_at_start(on_update)
+        final = False
+        while not final:
+            if distributed.any_process(self.dist, should_stop is not None and should_stop(), self.device):
+                meter.check_finite(self.step, checkpoints.last_step)
+                checkpoints.save(self.step, self.elapsed_s, self.tokens_seen)
+                self.elapsed_s = length.elapsed()
+                return TrainOutcome("interrupted", self.step, length.max_steps, self.elapsed_s, evaluation)
+            lr = lr_at(self.step, config, length.progress())
+            started = time.perf_counter()
+            with collective_failures(self.dist, self.step + 1, checkpoints.last_step):
+                meter.add(self._train_step(lr))  # batch, forward, loss, backward, optimiser step
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            final = length.finished(self.step)
+            update = TrainUpdate(self.step, length.max_steps, lr)
+            if self.step % config.log_every == 0 or validation.due(self.step, final):
+                update.loss, update.tokens_per_s, update.mfu = meter.read(started, self.step, checkpoints.last_step)
+            else:
+                meter.lap(started)
+            if validation.due(self.step, final):
+                evaluation = update.evaluation = self.evaluate(meter.mean_since_evaluation(), complete=final)
+            self.elapsed_s = update.elapsed_s = length.elapsed()
+            if update.loss is not None:
+                self._log(update)
+            if checkpoints.due(self.step, final):
+                checkpoints.save(self.step, self.elapsed_s, self.tokens_seen)
+                update.saved = True
+            if on_update is not None:
+                on_update(update)
+        self.elapsed_s = length.elapsed()
+        return TrainOutcome("finished", self.step, length.max_steps, self.elapsed_s, evaluation)
+
+    def _train_step(self, lr: float) -> torch.Tensor:
+        """One optimiser step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
+        set_lr(self.optimizers, lr)
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.config.grad_accum):
+            inputs, targets = self._batch()
+            with self._gradient_sync(last_micro_batch=micro == self.config.grad_accum - 1):
+                with self.autocast():  # the forward only: the AMP docs advise against backward under autocast
+                    _, loss = self.forward(inputs, targets)
+                loss = loss / self.config.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        self._step_optimizers()
+        return total
+
+    def _step_optimizers(self) -> None:
+        """Clip the gradients, move the weights and clear the gradients (through the fp16 scaler when there is one)."""
+        if self.scaler is not None:
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        for optimizer in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)  # skipped (by the scaler) when the gradients overflowed
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def _gradient_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Exchange gradients between processes only after the last micro-batch of a step."""
+        if self.fsdp:
+            self.network.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
+        elif self.dist.enabled and not last_micro_batch:
+            return self.network.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        share = self.config.batch_size // self.dist.world_size
+        inputs, targets = self.sampler.next_batch(share, self.dist.rank, self.dist.world_size)
+        if self.device.type == "cuda":
+            return (inputs.pin_memory().to(self.device, non_blocking=True),
+                    targets.pin_memory().to(self.device, non_blocking=True))
+        return inputs.to(self.device), targets.to(self.device)
+
+    def evaluate(self, train_loss: float | None = None, complete: bool = True) -> Evaluation:
+        """Loss and bits per byte on the validation text, and a sample, at the current step (see `Validation`)."""
+        return self.validation.evaluate(self.step, train_loss, complete)
+
+    def _evaluate_at_start(self, on_update: Callable[[TrainUpdate], None] | None) -> Evaluation:
+        """Where a run that starts from trained weights stands before it moves them: all of the validation text."""
+        update = TrainUpdate(0, self.length.max_steps, lr_at(0, self.config, self.length.progress(0.0)))
+        evaluation = update.evaluation = self.evaluate(complete=True)
+        self.elapsed_s = update.elapsed_s = self.length.elapsed()
+        self._log(update)
+        if on_update is not None:
+            on_update(update)
+        return evaluation
+
+    def _log(self, update: TrainUpdate) -> None:
+        """One line of metrics.jsonl (written by the first process)."""
+        if self.dist.is_main:
+            rundir.append_metrics(self.setup.run_dir, metrics_record(update))
 
     def choose_cpu_options(self) -> CpuChoices | None:
         """Settle now, before the first step, what lm/linear.py and lm/optim.py would measure during it.
@@ -219,267 +343,261 @@ class Trainer:
         return CpuChoices(cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), matmul,
                           requested_kernel() != "auto", precisions[0], requested_newton_schulz_dtype() != "auto")
 
+
+class RunLength:
+    """When the run ends, and the clock the learning-rate schedule follows.
+
+    Without a time budget the run ends at `max_steps`. With one it ends when the budget, less what the
+    closing evaluation (every validation window, and a sample) and checkpoint will take, is spent; the
+    schedule then runs over that time. The clock counts across resumes.
+    """
+
+    def __init__(self, config: TrainConfig, dist: Distributed, device: torch.device, validation: Validation,
+                 checkpoints: Checkpoints) -> None:
+        self.steps, self.budget_s = config.max_steps, config.time_budget
+        self.dist, self.device = dist, device
+        self.validation, self.checkpoints = validation, checkpoints
+        self._started = time.perf_counter()
+
     @property
-    def tokens_per_step(self) -> int:
-        c = self.config
-        return c.batch_size * c.grad_accum * self.setup.model_config.context_length
+    def max_steps(self) -> int:
+        """The run's steps as reported: with a time budget unknown in advance, 0."""
+        return 0 if self.budget_s else self.steps
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.dtype)
+    def start(self, elapsed_s: float) -> None:
+        """Start the clock, `elapsed_s` already spent (by the run this one resumes)."""
+        self._started = time.perf_counter() - elapsed_s
 
-    def run(self, on_update: Callable[[TrainUpdate], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
-        """Train until `max_steps` (or the time budget) or until `should_stop()` says so; checkpoint on the
-        way and at the end."""
-        config = self.config
-        max_steps = 0 if config.time_budget else config.max_steps
-        if self.step > 0 and self._finished(self.elapsed_s):  # a new run takes at least one step
-            return TrainOutcome("already-done", self.step, max_steps, self.elapsed_s)
-        self.model.train()
-        interval_loss = torch.zeros((), device=self.device)
-        interval_steps, interval_seconds = 0, 0.0
-        since_eval: list[float] = []
-        last_checkpoint = self.step
-        evaluation = None
-        run_started = time.perf_counter() - self.elapsed_s
-        if self.step == 0 and self.setup.evaluate_at_start and not self.setup.resume:
-            evaluation = self._evaluate_at_start(on_update, run_started)
-        final = False
-        while not final:
-            if distributed.any_process(self.dist, should_stop is not None and should_stop(), self.device):
-                self._check_finite(interval_loss, interval_steps, last_checkpoint)
-                self._save()
-                self.elapsed_s = time.perf_counter() - run_started
-                return TrainOutcome("interrupted", self.step, max_steps, self.elapsed_s, evaluation)
-            lr = lr_at(self.step, config, self._time_progress(time.perf_counter() - run_started))
-            started = time.perf_counter()
-            try:
-                interval_loss += self._train_step(lr)
-            except RuntimeError as err:
-                if not self.dist.enabled:
-                    raise
-                # Usually another process died and the collective lost its peer.
-                raise DistributedError(
-                    f"a collective operation failed at step {self.step + 1} ({str(err).splitlines()[0][:120]}); "
-                    f"another process has probably failed (see its message); {_kept(last_checkpoint)}") from err
-            self.step += 1
-            interval_steps += 1
-            self.tokens_seen += self.tokens_per_step
-            final = self._finished(time.perf_counter() - run_started)
-            update = TrainUpdate(self.step, max_steps, lr)
-            if self.step % config.log_every == 0 or self.step % config.eval_every == 0 or final:
-                loss = self._check_finite(interval_loss, interval_steps, last_checkpoint)  # syncs the GPU
-                interval_seconds += time.perf_counter() - started
-                update.loss = loss
-                update.tokens_per_s = interval_steps * self.tokens_per_step / interval_seconds
-                if self.peak is not None:
-                    update.mfu = self.flops_per_token * update.tokens_per_s / (self.peak * self.dist.world_size)
-                since_eval.append(loss)
-                interval_loss.zero_()
-                interval_steps, interval_seconds = 0, 0.0
-            else:
-                interval_seconds += time.perf_counter() - started
-            if self.step % config.eval_every == 0 or final:
-                train_loss = sum(since_eval) / len(since_eval) if since_eval else None
-                evaluation = update.evaluation = self.evaluate(train_loss, complete=final)
-                since_eval = []
-            self.elapsed_s = update.elapsed_s = time.perf_counter() - run_started
-            if update.loss is not None:
-                self._log(update)
-            if self.step % config.checkpoint_every == 0 or final:
-                saving = time.perf_counter()
-                self._save()
-                self._save_seconds = time.perf_counter() - saving
-                last_checkpoint = self.step
-                update.saved = True
-            if on_update is not None:
-                on_update(update)
-        self.elapsed_s = time.perf_counter() - run_started
-        return TrainOutcome("finished", self.step, max_steps, self.elapsed_s, evaluation)
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
 
-    def _finished(self, elapsed_s: float) -> bool:
-        """Whether the step just taken is the last: `max_steps` reached, or the time budget (less what the
-        closing evaluation and checkpoint will take) spent. Every process decides alike."""
-        if not self.config.time_budget:
-            return self.step >= self.config.max_steps
-        spent = elapsed_s + self._closing_seconds() >= self.config.time_budget
+    def finished(self, step: int, elapsed_s: float | None = None) -> bool:
+        """Whether `step`, just taken, is the last (`elapsed_s`: the clock's by default). Every process
+        decides alike."""
+        if not self.budget_s:
+            return step >= self.steps
+        spent = (self.elapsed() if elapsed_s is None else elapsed_s) + self.closing_seconds() >= self.budget_s
         return distributed.any_process(self.dist, spent, self.device)
 
-    def _time_progress(self, elapsed_s: float) -> float | None:
+    def progress(self, elapsed_s: float | None = None) -> float | None:
         """With a time budget, the share of the training time spent (the schedule's clock); else None."""
-        if not self.config.time_budget:
+        if not self.budget_s:
             return None
-        return elapsed_s / max(1e-9, self.config.time_budget - self._closing_seconds())
+        elapsed_s = self.elapsed() if elapsed_s is None else elapsed_s
+        return elapsed_s / max(1e-9, self.budget_s - self.closing_seconds())
 
-    def _closing_seconds(self) -> float:
-        """An estimate of the closing evaluation (every validation window, and a sample) plus the checkpoint."""
-        if self._window_seconds is None:
-            self._time_scoring()
-        assert self._window_seconds is not None
-        return 1.1 * (self._val_windows * self._window_seconds + self._sample_seconds) + self._save_seconds
+    def closing_seconds(self) -> float:
+        """An estimate of the closing evaluation plus the checkpoint, with a margin for the evaluation."""
+        return 1.1 * self.validation.closing_seconds() + self.checkpoints.save_seconds
 
-    def _time_scoring(self) -> None:
-        """Time a batch of validation windows once, before evaluations have measured it (after a first,
-        untimed call: the first pass through a model pays for its kernels' one-time set-up)."""
-        self.model.eval()
-        with self.autocast():
-            for windows in (self.config.batch_size, self.config.batch_size):
-                started = time.perf_counter()
-                scores = score_tokens(self.model, self.setup.splits.val, self.byte_lengths,
-                                      self.setup.model_config.context_length, eot_id=self.setup.tokenizer.eot_id,
-                                      batch_size=windows, max_windows=windows)
-        self.model.train()
-        self._window_seconds = (time.perf_counter() - started) / scores.windows
 
-    def _evaluate_at_start(self, on_update: Callable[[TrainUpdate], None] | None, run_started: float) -> Evaluation:
-        """Where a run that starts from trained weights stands before it moves them: all of the validation text."""
-        max_steps = 0 if self.config.time_budget else self.config.max_steps
-        update = TrainUpdate(0, max_steps, lr_at(0, self.config, self._time_progress(0.0)),
-                             evaluation=self.evaluate(complete=True))
-        self.elapsed_s = update.elapsed_s = time.perf_counter() - run_started
-        self._log(update)
-        if on_update is not None:
-            on_update(update)
-        return update.evaluation
+class Validation:
+    """Scores the held-out text (`lm.eval`'s scoring, as `lm eval` does) and samples a continuation.
 
-    def _train_step(self, lr: float) -> torch.Tensor:
-        """One optimiser step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
-        set_lr(self.optimizers, lr)
-        total = torch.zeros((), device=self.device)
-        for micro in range(self.config.grad_accum):
-            inputs, targets = self._batch()
-            last = micro == self.config.grad_accum - 1
-            with self._gradient_sync(last):
-                with self.autocast():  # the forward only: the AMP docs advise against backward under autocast
-                    _, loss = self.forward(inputs, targets)
-                loss = loss / self.config.grad_accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
-        if self.scaler is not None:
-            for optimizer in self.optimizers:
-                self.scaler.unscale_(optimizer)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        for optimizer in self.optimizers:
-            if self.scaler is not None:
-                self.scaler.step(optimizer)  # skipped (by the scaler) when the gradients overflowed
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.update()
-        return total
+    It is due every `eval_every` steps and after the last: the last scores every validation id, the
+    others an evenly spread subset of the windows (eval_batches x batch_size of them, the same ones every
+    time). It remembers what scoring a window and sampling took, for a time budget to leave room for the
+    closing evaluation.
+    """
 
-    def _gradient_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """Exchange gradients between processes only after the last micro-batch of a step."""
-        if self.fsdp:
-            self.network.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
-        elif self.dist.enabled and not last_micro_batch:
-            return self.network.no_sync()  # type: ignore[operator]
-        return contextlib.nullcontext()
+    def __init__(self, model: GPT, setup: TrainingSetup, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.config, self.tokenizer = model, setup.train_config, setup.tokenizer
+        self.tokens, self.context_length = setup.splits.val, setup.model_config.context_length
+        self.device, self.dtype = device, dtype
+        self.byte_lengths = token_byte_lengths(setup.tokenizer).to(device)
+        self.windows = len(plan_windows(len(self.tokens) + 1, self.context_length).starts)
+        self.window_seconds: float | None = None
+        self.sample_seconds = 0.0
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        share = self.config.batch_size // self.dist.world_size
-        inputs, targets = self.sampler.next_batch(share, self.dist.rank, self.dist.world_size)
-        if self.device.type == "cuda":
-            return (inputs.pin_memory().to(self.device, non_blocking=True),
-                    targets.pin_memory().to(self.device, non_blocking=True))
-        return inputs.to(self.device), targets.to(self.device)
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.config.eval_every == 0 or final
 
-    def evaluate(self, train_loss: float | None = None, complete: bool = True) -> Evaluation:
-        """Loss and bits per byte on the validation text (`lm.eval`'s scoring), and a sample.
-
-        `complete` scores every validation id, as `lm eval` does; otherwise an evenly spread subset of
-        the scoring windows (eval_batches x batch_size of them, the same ones every time) estimates it.
-        """
+    def evaluate(self, step: int, train_loss: float | None = None, complete: bool = True) -> Evaluation:
+        """Loss and bits per byte on the validation text, and a sample; `complete` scores every id."""
         config = self.config
         started = time.perf_counter()
-        self.model.eval()
-        with self.autocast():
-            scores = score_tokens(
-                self.model, self.setup.splits.val, self.byte_lengths, self.setup.model_config.context_length,
-                eot_id=self.setup.tokenizer.eot_id, batch_size=config.batch_size,
-                max_windows=None if complete else config.eval_batches * config.batch_size)
+        scores = self._score(config.batch_size, None if complete else config.eval_batches * config.batch_size)
         scored = time.perf_counter()
-        self._window_seconds = (scored - started) / scores.windows
-        sample = self.sample()
-        self._sample_seconds = time.perf_counter() - scored
+        self.window_seconds = (scored - started) / scores.windows
+        sample = self.sample(step)
+        self.sample_seconds = time.perf_counter() - scored
         self.model.train()
         total = scores.total
         return Evaluation(val_loss=total.loss, val_bpb=total.bits_per_byte, train_loss=train_loss, sample=sample,
                           val_tokens=total.tokens, val_complete=complete)
 
-    def sample(self) -> str:
+    def sample(self, step: int) -> str:
         """A short continuation of <|endoftext|> (the start of a new document), seeded: the same at a given step."""
         if self.config.sample_tokens == 0:
             return ""
-        return complete(self.model, self.setup.tokenizer, "", self.config.sample_tokens,
-                        seed=self.config.seed + self.step)
+        return complete(self.model, self.tokenizer, "", self.config.sample_tokens, seed=self.config.seed + step)
 
-    def _check_finite(self, interval_loss: torch.Tensor, steps: int, last_checkpoint: int) -> float:
-        loss = distributed.mean(self.dist, interval_loss.clone()).item() / max(steps, 1)
+    def closing_seconds(self) -> float:
+        """What scoring every window and sampling take, as last measured (a batch of windows is timed once
+        if no evaluation has run yet)."""
+        if self.window_seconds is None:
+            self._time_windows()
+        assert self.window_seconds is not None
+        return self.windows * self.window_seconds + self.sample_seconds
+
+    def _time_windows(self) -> None:
+        """Time a batch of validation windows (after a first, untimed one: the first pass through a model
+        pays for its kernels' one-time set-up)."""
+        windows = self.config.batch_size
+        self._score(windows, windows)
+        started = time.perf_counter()
+        scores = self._score(windows, windows)
+        self.model.train()
+        self.window_seconds = (time.perf_counter() - started) / scores.windows
+
+    def _score(self, batch_size: int, max_windows: int | None) -> Scores:
+        """`score_tokens` on the validation text, the model in evaluation mode (the caller puts it back)."""
+        self.model.eval()
+        with autocast(self.device, self.dtype):
+            return score_tokens(self.model, self.tokens, self.byte_lengths, self.context_length,
+                                eot_id=self.tokenizer.eot_id, batch_size=batch_size, max_windows=max_windows)
+
+
+class Checkpoints:
+    """What a checkpoint holds (weights, optimiser state, sampler position, random states, the fp16 scaler's
+    scale and the run's counters), when one is written (every `every` steps and after the last), and
+    restoring one. It remembers the last step saved and what saving took."""
+
+    def __init__(self, trainer: Trainer, every: int) -> None:
+        self.trainer, self.every = trainer, every
+        self.last_step = 0
+        self.save_seconds = 0.0
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def save(self, step: int, elapsed_s: float, tokens_seen: int) -> None:
+        """Write a checkpoint (with FSDP every process must call this: it gathers); all wait for it."""
+        started = time.perf_counter()
+        t = self.trainer
+        weights = (checkpoint.deduplicate(get_model_state_dict(t.model, options=FULL_ON_CPU), t.model.config)
+                   if t.fsdp else checkpoint.model_state_dict(t.model))
+        state: dict[str, Any] = {
+            "step": step, "elapsed_s": elapsed_s, "tokens_seen": tokens_seen,
+            "optimizer": get_optimizer_state_dict(t.model, t.optimizers, options=FULL_ON_CPU),
+            "sampler": t.sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
+        }
+        if t.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+        if t.scaler is not None:
+            state["scaler"] = t.scaler.state_dict()
+        if t.dist.is_main:
+            checkpoint.save_checkpoint(t.setup.run_dir, weights, state, step)
+        distributed.barrier(t.dist)  # nobody runs ahead of a checkpoint being written
+        self.last_step = step
+        self.save_seconds = time.perf_counter() - started
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, float, int]:
+        """Put the optimiser, sampler, random states and scaler back as saved; returns the step, elapsed seconds
+        and tokens seen. The metrics logged after the checkpoint are dropped: the run takes those steps again."""
+        t = self.trainer
+        # Every process read the same full checkpoint; FSDP keeps its own shard of each tensor.
+        set_optimizer_state_dict(t.model, t.optimizers, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=t.fsdp))
+        t.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if t.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], t.device)
+        if t.scaler is not None and "scaler" in state:
+            t.scaler.load_state_dict(state["scaler"])
+        if t.dist.is_main:
+            rundir.truncate_metrics(t.setup.run_dir, state["step"])
+        self.last_step = state["step"]
+        return state["step"], state["elapsed_s"], state["tokens_seen"]
+
+
+def write_run_files(setup: TrainingSetup, parameters: int) -> None:
+    """config.json (rewritten on resume: the schedule may have changed) and, for a new run, the tokenizer."""
+    extra = {**setup.extra_config, "parameters": parameters}
+    rundir.write_config(setup.run_dir, setup.model_config, setup.train_config, extra)
+    if not setup.resume:
+        setup.tokenizer.save(setup.run_dir / rundir.TOKENIZER, overwrite=True)
+
+
+class TrainingMeter:
+    """The training loss and speed between log lines, and the mean of the logged losses between evaluations.
+
+    Losses are summed on the device, so the steps between log lines never wait for the GPU; reading them
+    (with several processes, their mean over all) waits once, and checks that training has not diverged.
+    """
+
+    def __init__(self, dist: Distributed, device: torch.device, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float | None, lr: float) -> None:
+        """`peak_flops`: one device's (None where unknown: no MFU); `lr`: the peak learning rate, to advise on."""
+        self.dist, self.tokens_per_step, self.flops_per_token, self.lr = dist, tokens_per_step, flops_per_token, lr
+        self.peak_flops = peak_flops * dist.world_size if peak_flops is not None else None  # all processes'
+        self.loss = torch.zeros((), device=device)
+        self.steps, self.seconds = 0, 0.0
+        self.logged: list[float] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        """A step's loss, still on the device."""
+        self.loss += loss
+        self.steps += 1
+
+    def lap(self, started: float) -> None:
+        """Count the time since `started` as training time."""
+        self.seconds += time.perf_counter() - started
+
+    def read(self, started: float, step: int, last_checkpoint: int) -> tuple[float, float, float | None]:
+        """The mean loss, tokens per second and MFU since the last read (the time since `started` counted, the
+        wait for the device included); starts the next interval."""
+        loss = self.check_finite(step, last_checkpoint)  # syncs the GPU
+        self.lap(started)
+        tokens_per_s = self.steps * self.tokens_per_step / self.seconds
+        mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops is not None else None
+        self.logged.append(loss)
+        self.loss.zero_()
+        self.steps, self.seconds = 0, 0.0
+        return loss, tokens_per_s, mfu
+
+    def check_finite(self, step: int, last_checkpoint: int) -> float:
+        """The mean loss since the last read; raises TrainingDiverged if it is NaN or infinite."""
+        loss = distributed.mean(self.dist, self.loss.clone()).item() / max(self.steps, 1)
         if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss} before step {self.step}; {_kept(last_checkpoint)}. Lower --lr (now "
-                f"{self.config.lr:g}) or raise --warmup-steps, then start again or --resume")
+                f"the loss became {loss} before step {step}; {_kept(last_checkpoint)}. Lower --lr (now "
+                f"{self.lr:g}) or raise --warmup-steps, then start again or --resume")
         return loss
 
-    def _log(self, update: TrainUpdate) -> None:
-        record: dict[str, Any] = {"step": update.step}
-        if update.loss is not None:  # None only at step 0, before any training
-            record["loss"] = round(update.loss, 6)
-        record["lr"] = update.lr
-        if update.tokens_per_s is not None:
-            record["tokens_per_s"] = round(update.tokens_per_s, 1)
-        record["time_s"] = round(update.elapsed_s, 3)
-        if update.mfu is not None:
-            record["mfu"] = round(update.mfu, 4)
-        if update.evaluation is not None:
-            record["val_loss"] = round(update.evaluation.val_loss, 6)
-            record["val_bpb"] = round(update.evaluation.val_bpb, 6)
-            record["val_tokens"] = update.evaluation.val_tokens
-        if self.dist.is_main:
-            rundir.append_metrics(self.setup.run_dir, record)
+    def mean_since_evaluation(self) -> float | None:
+        """The mean of the losses read since the last call (None if none was), for an evaluation to report."""
+        logged, self.logged = self.logged, []
+        return sum(logged) / len(logged) if logged else None
 
-    def _write_run_files(self) -> None:
-        """config.json (rewritten on resume: the schedule may have changed) and, for a new run, the tokenizer."""
-        setup = self.setup
-        extra = {**setup.extra_config, "parameters": self.model.num_parameters()}
-        rundir.write_config(setup.run_dir, setup.model_config, self.config, extra)
-        if not setup.resume:
-            setup.tokenizer.save(setup.run_dir / rundir.TOKENIZER, overwrite=True)
 
-    def _state(self) -> dict[str, Any]:
-        """The training state to checkpoint (with FSDP every process must call this: it gathers)."""
-        state: dict[str, Any] = {
-            "step": self.step, "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen,
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizers, options=FULL_ON_CPU),
-            "sampler": self.sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+@contextlib.contextmanager
+def collective_failures(dist: Distributed, step: int, last_checkpoint: int) -> Iterator[None]:
+    """With several processes, a step that fails in a collective operation usually means another process died
+    and the collective lost its peer: say so (and what is kept) instead of showing the collective's error."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not dist.enabled:
+            raise
+        raise DistributedError(
+            f"a collective operation failed at step {step} ({str(err).splitlines()[0][:120]}); another process "
+            f"has probably failed (see its message); {_kept(last_checkpoint)}") from err
 
-    def _save(self) -> None:
-        weights = (checkpoint.deduplicate(get_model_state_dict(self.model, options=FULL_ON_CPU), self.model.config)
-                   if self.fsdp else checkpoint.model_state_dict(self.model))
-        state = self._state()
-        if self.dist.is_main:
-            checkpoint.save_checkpoint(self.setup.run_dir, weights, state, self.step)
-        distributed.barrier(self.dist)  # nobody runs ahead of a checkpoint being written
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        # Every process read the same full checkpoint; FSDP keeps its own shard of each tensor.
-        set_optimizer_state_dict(self.model, self.optimizers, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=self.fsdp))
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
-        if self.dist.is_main:
-            rundir.truncate_metrics(self.setup.run_dir, self.step)
+def metrics_record(update: TrainUpdate) -> dict[str, Any]:
+    """One line of metrics.jsonl: what a step reported, rounded."""
+    record: dict[str, Any] = {"step": update.step}
+    if update.loss is not None:  # None only at step 0, before any training
+        record["loss"] = round(update.loss, 6)
+    record["lr"] = update.lr
+    if update.tokens_per_s is not None:
+        record["tokens_per_s"] = round(update.tokens_per_s, 1)
+    record["time_s"] = round(update.elapsed_s, 3)
+    if update.mfu is not None:
+        record["mfu"] = round(update.mfu, 4)
+    if update.evaluation is not None:
+        record["val_loss"] = round(update.evaluation.val_loss, 6)
+        record["val_bpb"] = round(update.evaluation.val_bpb, 6)
+        record["val_tokens"] = update.evaluation.val_tokens
+    return record
