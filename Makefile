@@ -15,13 +15,14 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo demo-heads test test-avx2 lint bench cpu-matrix gpu-check clean
+.PHONY: help demo demo-heads demo-chat test test-avx2 lint bench cpu-matrix gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
 	@echo "             generate from it and show what its attention heads look at"
 	@echo "make demo-heads  a tiny model with a previous-token head (about 4 minutes on a CPU): a 512-token"
 	@echo "             vocabulary, then its heads summary and attention explorer"
+	@echo "make demo-chat  fine-tune the demo model on conversations from the plays and chat with it"
 	@echo "make test    run the test suite"
 	@echo "make test-avx2  run the numerics-sensitive tests again as on a CPU with AVX2 only (emulated)"
 	@echo "make lint    run ruff"
@@ -69,6 +70,18 @@ demo-heads: $(VENV)/.installed-dev
 		--max-steps $(HEADS_STEPS) --eval-every 250 --out $(HEADS_RUN) --force
 	$(LM) inspect-attention $(HEADS_RUN) --heads-summary --text $(HEADS_TEXT)
 	$(LM) inspect-attention $(HEADS_RUN) --text $(HEADS_TEXT) --save $(HEADS_RUN)/attention.html
+
+# Chat: the demo model fine-tuned on conversations made from the plays (data/shakespeare_conversations.py:
+# a character answers another in turn), scored on those of the held-out plays, then asked a few lines.
+CHAT_RUN ?= runs/chat
+CHAT_STEPS ?= 300
+demo-chat: $(VENV)/.installed-dev
+	@test -f $(RUN)/model.safetensors || $(MAKE) demo
+	$(BIN)/python data/shakespeare_conversations.py $(CORPUS) --out runs/conversations
+	$(LM) train runs/conversations/train.jsonl --val runs/conversations/heldout.jsonl --init-from $(RUN) \
+		--max-steps $(CHAT_STEPS) --out $(CHAT_RUN) --force
+	printf '%s\n' "What light through yonder window breaks?" "Wilt thou be gone? It is not yet near day." \
+		| $(LM) chat $(CHAT_RUN) --system "You are Juliet, in Romeo and Juliet." --max-new-tokens 60 --seed 1 --stats
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

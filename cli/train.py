@@ -220,6 +220,13 @@ class RunPlan:
     saved: dict[str, Any]  # config.json facts carried over: the preset's name, --init-from's origin, the run's own
     resumed_model: ModelConfig | None  # the shape of the run --resume continues
 
+    @property
+    def chat(self) -> bool:
+        """Fine-tuning on conversations (`messages` records), settled once the files are found."""
+        from lm.chat import MESSAGES_FIELD
+
+        return self.text_field == MESSAGES_FIELD
+
 
 @dataclass
 class TrainingText:
@@ -326,13 +333,11 @@ def _train(plan: RunPlan) -> TrainOutcome:
     # Only now the heavy imports (torch): the checks above answer at once.
     from cli.render import stderr
     from lm import distributed, rundir
-    from lm.data import split_text
     from lm.device import resolve_device, resolve_dtype
 
     torch_device = resolve_device(plan.train.device)
     resolve_dtype(plan.train.dtype, torch_device)
-    text = split_text(plan.paths, plan.val, plan.train.val_fraction, exclude=[plan.out / rundir.TOKENIZER],
-                      text_field=plan.text_field)
+    text = _split_text(plan)
     context = distributed.init(torch_device.type)
     # Other processes print nothing: their errors still reach standard error.
     console = stderr() if context.is_main else Console(quiet=True)
@@ -350,6 +355,20 @@ def _train(plan: RunPlan) -> TrainOutcome:
     return outcome
 
 
+def _split_text(plan: RunPlan) -> TextSplit:
+    """The training and validation text; conversation records (`messages`) make the run a chat fine-tuning."""
+    from lm import rundir
+    from lm.chat import MESSAGES_FIELD, holds_conversations
+    from lm.data import split_text
+
+    text = split_text(plan.paths, plan.val, plan.train.val_fraction, exclude=[plan.out / rundir.TOKENIZER],
+                      text_field=plan.text_field)
+    if plan.text_field != MESSAGES_FIELD and holds_conversations(text.train):
+        plan.text_field = MESSAGES_FIELD
+        return _split_text(plan)
+    return text
+
+
 def _prepare_data(plan: RunPlan, text: TextSplit, context: Distributed, console: Console) -> TrainingText:
     """The tokenizer (given, or trained by the first process) and both splits encoded, checked to be the same
     in every process."""
@@ -364,26 +383,77 @@ def _prepare_data(plan: RunPlan, text: TextSplit, context: Distributed, console:
                          tokenizer=None if plan.resume or plan.init_from else plan.tokenizer, train_paths=plan.paths)
     tok = Tokenizer.from_file(plan.tokenizer) if plan.tokenizer is not None else _shared_tokenizer(
         context, text.train, plan.vocab_size or 8192, console)
+    if plan.chat:
+        tok = _with_chat_tokens(tok, console)
     model = with_overrides(plan.model, {"vocab_size": tok.vocab_size})
     if plan.resumed_model is not None:
         rundir.check_same_model(plan.resumed_model, model)
+    if plan.chat:
+        return _prepare_conversations(plan, text, tok, model, context, console)
     corpus = _shared_corpus(context, text.train, tok, console)
     val_corpus = _shared_corpus(context, text.val, tok, console, what="validation")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads are done; torch's take over
     splits = check_splits(Splits(train=corpus.tokens, val=val_corpus.tokens), model.context_length)
     facts = [to_dict(model), to_dict(plan.train), len(corpus.tokens), corpus.path.name, val_corpus.path.name]
     distributed.check_same(context, "configuration or training text", facts)
-    return TrainingText(tok, splits, model, _config_facts(plan, text.record, corpus, val_corpus))
+    return TrainingText(tok, splits, model, _config_facts(
+        plan, text.record, train_tokens=len(corpus.tokens), val_tokens=len(val_corpus.tokens), files=corpus.files,
+        text_bytes=corpus.text_bytes))
 
 
-def _config_facts(plan: RunPlan, validation: dict[str, Any], corpus: TokenCorpus,
-                  val_corpus: TokenCorpus) -> dict[str, Any]:
+def _with_chat_tokens(tok: Tokenizer, console: Console) -> Tokenizer:
+    """The tokenizer with the chat format's role markers and end-of-turn token, added when it lacks them."""
+    from lm.chat import DEFAULT_CHAT_FORMAT, add_chat_tokens, has_chat_tokens
+
+    if has_chat_tokens(tok):
+        return tok
+    grown = add_chat_tokens(tok)
+    added = [token for token in DEFAULT_CHAT_FORMAT.tokens if token not in tok.special_tokens]
+    console.print(f"Chat tokens: {', '.join(added)} added as ids {tok.vocab_size:,}-{grown.vocab_size - 1:,}; the "
+                  f"token embedding (and an untied output head) grows by {len(added)} rows, each the mean of the "
+                  "trained rows")
+    return grown
+
+
+def _prepare_conversations(plan: RunPlan, text: TextSplit, tok: Tokenizer, model: ModelConfig,
+                           context: Distributed, console: Console) -> TrainingText:
+    """Chat fine-tuning's text: conversations rendered to ids, learned on the assistant's turns only."""
+    from lm import distributed
+    from lm.config import to_dict
+    from lm.data import check_splits, tokenize_conversation_split
+
+    splits = tokenize_conversation_split(text, tok, model.context_length)
+    counts = splits.conversations
+    assert counts is not None
+    for name, cut in (("training", counts.train), ("validation", counts.val)):
+        note = "".join([f", {cut.cut:,} cut at a turn to fit the context of {model.context_length}" if cut.cut else "",
+                        f", {cut.dropped:,} left out (the first exchange alone is longer)" if cut.dropped else ""])
+        console.print(f"Conversations ({name}): {cut.kept:,}{note}")
+    if counts.bad_records:
+        console.print(f"[yellow]{counts.bad_records:,} conversation record(s) skipped; first: "
+                      f"{counts.first_bad_record}[/]")
+    learned = int(splits.train_mask.sum()) if splits.train_mask is not None else 0
+    console.print(f"Learning the assistant's turns only: {learned:,} of {len(splits.train):,} training tokens; "
+                  f"validation scores the assistant's tokens of held-out conversations")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_splits(splits, model.context_length)
+    distributed.check_same(context, "configuration or conversations",
+                           [to_dict(model), to_dict(plan.train), len(splits.train), len(splits.val)])
+    facts = _config_facts(plan, text.record, train_tokens=len(splits.train), val_tokens=len(splits.val),
+                          files=len(text.train.files), text_bytes=text.train.total_bytes)
+    facts["chat"] = {"conversations": counts.train.kept, "cut": counts.train.cut, "left_out": counts.train.dropped,
+                     "learned_tokens": learned}
+    return TrainingText(tok, splits, model, facts)
+
+
+def _config_facts(plan: RunPlan, validation: dict[str, Any], *, train_tokens: int, val_tokens: int, files: int,
+                  text_bytes: int) -> dict[str, Any]:
     """What config.json records beside the configs: the text trained and validated on, and the plan's own facts."""
     # Absolute paths, so that --resume (which reuses them) works from any folder.
-    return {**plan.saved, "corpus": {"paths": [os.path.abspath(p) for p in plan.paths], "files": corpus.files,
-                                     "text_bytes": corpus.text_bytes, "tokens": len(corpus.tokens),
+    return {**plan.saved, "corpus": {"paths": [os.path.abspath(p) for p in plan.paths], "files": files,
+                                     "text_bytes": text_bytes, "tokens": train_tokens,
                                      "text_field": plan.text_field},
-            "validation": {**validation, "tokens": len(val_corpus.tokens),
+            "validation": {**validation, "tokens": val_tokens,
                            "tokenizer": plan.saved.get("validation", {}).get("tokenizer") or (
                                f"from --init-from {plan.init_from}" if plan.init_from is not None
                                else "given with --tokenizer" if plan.tokenizer is not None
@@ -392,11 +462,13 @@ def _config_facts(plan: RunPlan, validation: dict[str, Any], corpus: TokenCorpus
 
 def _build_trainer(plan: RunPlan, encoded: TrainingText, context: Distributed, console: Console) -> Trainer:
     """The trainer, its CPU choices settled (in every process: they must agree on Muon's precision), described."""
+    from lm.chat import DEFAULT_CHAT_FORMAT
     from lm.train import Trainer, TrainingSetup
 
     setup = TrainingSetup(plan.out, encoded.model, plan.train, encoded.tokenizer, encoded.splits,
                           resume=plan.resume, distributed=context, extra_config=encoded.facts,
-                          init_weights=plan.init_weights, evaluate_at_start=plan.init_from is not None)
+                          init_weights=plan.init_weights, evaluate_at_start=plan.init_from is not None,
+                          chat_format=DEFAULT_CHAT_FORMAT if plan.chat else None)
     trainer = Trainer(setup)
     cpu_choices = trainer.choose_cpu_options()
     _describe_start(console, trainer)

@@ -413,6 +413,34 @@ def read_conversations(sources: TextFiles | Sequence[Path | TextPart], problems:
 # Too long -----------------------------------------------------------------------------------------
 
 
+def holds_conversations(sources: TextFiles, field_name: str = MESSAGES_FIELD) -> bool:
+    """Whether `sources` are conversation records: the first record of the first JSON Lines or Parquet part
+    has a `messages` field and no `text` one. Reads one record, however large the files."""
+    import gzip
+    import json
+
+    from lm.textfiles import JSONL, JSONL_GZ, PARQUET, TEXT_FIELD
+
+    part = next((p for p in sources.parts if p.format in (JSONL, JSONL_GZ, PARQUET)), None)
+    if part is None:
+        return False
+    if part.format == PARQUET:
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(part.path).schema_arrow.names
+        return field_name in names and TEXT_FIELD not in names
+    opener = gzip.open if part.format == JSONL_GZ else open
+    with opener(part.path, "rt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(record, dict) and field_name in record and TEXT_FIELD not in record
+    return False
+
+
 @dataclass
 class CutCounts:
     """How the conversations of a stream fared against the length limit."""
@@ -577,3 +605,31 @@ def jinja_chat_template(chat_format: ChatFormat = DEFAULT_CHAT_FORMAT) -> str:
         + "{% endfor %}"
         + f"{{% if add_generation_prompt %}}{markers[ASSISTANT]}{{% endif %}}"
     )
+
+
+# The format a run directory records -------------------------------------------------------------
+
+CHAT_FORMAT_FILE = "chat_format.json"  # in a run directory; a run without it is a base (non-chat) run
+
+
+def save_chat_format(run_dir: Path, chat_format: ChatFormat) -> None:
+    """Record in `run_dir` that its model answers in turns, in `chat_format` (written atomically)."""
+    import json
+
+    from lm.atomic import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / CHAT_FORMAT_FILE, json.dumps(chat_format.to_dict(), indent=2) + "\n")
+
+
+def load_chat_format(run_dir: Path) -> ChatFormat | None:
+    """The chat format `run_dir` records, or None for a base run; `InputError` for a damaged record."""
+    import json
+
+    path = Path(run_dir) / CHAT_FORMAT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} cannot be read as JSON ({err}); the run directory is damaged") from None
+    return ChatFormat.from_dict(data, source=str(path))

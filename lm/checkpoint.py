@@ -43,16 +43,22 @@ def deduplicate(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_weights(model: GPT, path: Path, *, shorter_context: bool = False) -> None:
+def load_weights(model: GPT, path: Path, *, shorter_context: bool = False, grow_vocab: bool = False) -> None:
     """Fill `model` from a safetensors file, checking that every tensor is there and of the right shape.
 
     With `shorter_context`, a table of learned positions longer than the model's context is cut to its
-    first rows (a model fine-tuned with a smaller --context-length keeps the positions it knows).
+    first rows (a model fine-tuned with a smaller --context-length keeps the positions it knows). With
+    `grow_vocab`, token rows the file lacks are added (a base run fine-tuned on conversations gains the
+    chat tokens: `lm.chat.grow_vocab_weights`).
     """
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise InputError(f"{path} cannot be read ({err}); the run directory is damaged") from None
+    if grow_vocab:
+        from lm.chat import grow_vocab_weights
+
+        weights = grow_vocab_weights(weights, model.config.vocab_size)
     positions = weights.get("pos_emb.weight")
     if shorter_context and positions is not None and len(positions) > model.config.context_length:
         weights["pos_emb.weight"] = positions[:model.config.context_length].contiguous()

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from lm.atomic import FILE_MODE, prepare_output
+from lm.chat import chat_token_ids, jinja_chat_template, load_chat_format
 from lm.checkpoint import load_run, model_state_dict
 from lm.config import ModelConfig
 from lm.errors import InputError, OutputError, UsageError
@@ -226,7 +227,12 @@ def export_gguf(run_dir: Path, out: Path, *, dtype: str = "f32", force: bool = F
     try:
         writer = gguf.GGUFWriter(str(tmp), kind)
         _write_metadata(writer, gguf, config, kind, dtype, run_dir)
-        _write_vocabulary(writer, vocab)
+        chat_format = load_chat_format(run_dir)
+        end_of_turn = chat_token_ids(tokenizer, chat_format).end if chat_format is not None else None
+        _write_vocabulary(writer, vocab, end_of_turn)
+        if chat_format is not None:
+            # llama.cpp's server renders conversations with this template (`tokenizer.chat_template`).
+            writer.add_chat_template(jinja_chat_template(chat_format))
         for name, tensor in tensors.items():
             data, qtype = _encode(gguf, tensor.numpy(), storage_type(name, tensor, dtype))
             writer.add_tensor(name, data, raw_dtype=qtype)
@@ -269,7 +275,8 @@ def _write_metadata(writer: Any, gguf: Any, config: ModelConfig, kind: str, dtyp
         writer.add_rope_dimension_count(config.d_head)
 
 
-def _write_vocabulary(writer: Any, vocab: Vocabulary) -> None:
+def _write_vocabulary(writer: Any, vocab: Vocabulary, end_of_turn: int | None = None) -> None:
+    """The tokenizer's metadata; a chat run's `end_of_turn` id becomes llama.cpp's EOT, where replies end."""
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(vocab.pre_tokenizer)
     writer.add_token_list(vocab.tokens)
@@ -280,7 +287,7 @@ def _write_vocabulary(writer: Any, vocab: Vocabulary) -> None:
         # it is llama.cpp's BOS, added to every prompt, and its end-of-generation token.
         writer.add_bos_token_id(vocab.eot_id)
         writer.add_eos_token_id(vocab.eot_id)
-        writer.add_eot_token_id(vocab.eot_id)
+        writer.add_eot_token_id(end_of_turn if end_of_turn is not None else vocab.eot_id)
         writer.add_add_bos_token(True)
     else:
         writer.add_add_bos_token(False)

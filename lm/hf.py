@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lm import rundir
+from lm.chat import ChatFormat, chat_token_ids, jinja_chat_template, load_chat_format
 from lm.checkpoint import load_run, model_state_dict
 from lm.config import FAMILY_DESIGNS, ModelConfig, TrainConfig
 from lm.errors import InputError, OutputError, UsageError
@@ -70,6 +71,14 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
 # lm -> transformers ------------------------------------------------------------------------------
 
 
+def _add_chat_template(files: dict[str, dict[str, Any]], chat_format: ChatFormat, end_id: int,
+                       eot: int | None) -> None:
+    """A chat run's export: the template `apply_chat_template` renders to lm's ids, and a reply ends at the
+    end-of-turn token (generation stops at it as well as at <|endoftext|>)."""
+    files["tokenizer_config.json"]["chat_template"] = jinja_chat_template(chat_format)
+    files["generation_config.json"]["eos_token_id"] = [end_id, *([eot] if eot is not None else [])]
+
+
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> str:
     """Write `run_dir` as a transformers checkpoint folder; return the architecture name."""
     model, tokenizer, info = load_run(run_dir)
@@ -90,6 +99,9 @@ def export_run(run_dir: Path, out: Path, *, force: bool = False) -> str:
                                   "clean_up_tokenization_spaces": False},
         "special_tokens_map.json": {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT},
     }
+    chat_format = load_chat_format(run_dir)
+    if chat_format is not None:
+        _add_chat_template(files, chat_format, chat_token_ids(tokenizer, chat_format).end, eot)
 
     def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})

@@ -527,12 +527,24 @@ def _records(part: TextPart, text_field: str, meter: _Meter, problems: RecordPro
             continue  # blank lines separate nothing in JSON Lines; they are not records
         value, why = _json_field(line, text_field)
         if not why:
-            if isinstance(value, str):
-                if value:
-                    yield value
+            text = record_text(value)
+            if text is not None:
+                if text:
+                    yield text
                 continue
             why = f"field {text_field!r} is {type(value).__name__}, not a string"
         problems.add_bad(lambda number=number: _line_where(part.path, number), why)
+
+
+def record_text(value: Any) -> str | None:
+    """A record field's text: a string as it is; a conversation's messages (`[{"role": ..., "content": "..."}]`)
+    as their contents one after another, so a tokenizer can be trained on conversations too; else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in value):
+        return "\n".join(m["content"] for m in value)
+    return None
 
 
 def iter_record_values(sources: TextFiles | Sequence[Path | TextPart], field_name: str, problems: RecordProblems,

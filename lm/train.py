@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lm import checkpoint, distributed, rundir
+from lm.chat import ChatFormat, save_chat_format
 from lm.config import MUON_UNDER_FSDP, ModelConfig, TrainConfig
 from lm.data import BatchSampler, Splits, check_splits, token_byte_lengths
 from lm.device import (
@@ -131,6 +132,7 @@ class TrainingSetup:
     extra_config: dict[str, Any] = field(default_factory=dict)
     init_weights: Path | None = None  # --init-from: weights a new run starts from (its optimizer starts afresh)
     evaluate_at_start: bool = False  # score the validation text before the first step (logged as step 0)
+    chat_format: ChatFormat | None = None  # conversations: the format the run learns (saved as chat_format.json)
 
 
 def check_batch_split(batch_size: int, world_size: int) -> None:
@@ -184,7 +186,7 @@ class Trainer:
         if resumed is not None:
             checkpoint.load_weights(self.model, resumed[0] / rundir.WEIGHTS)
         elif setup.init_weights is not None:
-            checkpoint.load_weights(self.model, setup.init_weights, shorter_context=True)
+            checkpoint.load_weights(self.model, setup.init_weights, shorter_context=True, grow_vocab=True)
         check_batch_split(config.batch_size, self.dist.world_size)
         check_splits(setup.splits, setup.model_config.context_length)
         self.fsdp = config.fsdp and self.dist.enabled
@@ -195,7 +197,8 @@ class Trainer:
         self.optimizers = make_optimizers(self.model, config, self.device)
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, config.seed)
+        self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, config.seed,
+                                    learned=setup.splits.train_mask)
         self.checkpoints = Checkpoints(self, config.checkpoint_every)
         self.step, self.elapsed_s, self.tokens_seen = 0, 0.0, 0
         if resumed is not None:
@@ -403,6 +406,7 @@ class Validation:
     def __init__(self, model: GPT, setup: TrainingSetup, device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.config, self.tokenizer = model, setup.train_config, setup.tokenizer
         self.tokens, self.context_length = setup.splits.val, setup.model_config.context_length
+        self.learned = setup.splits.val_mask  # conversations: only the assistant's tokens are scored
         self.device, self.dtype = device, dtype
         self.byte_lengths = token_byte_lengths(setup.tokenizer).to(device)
         self.windows = len(plan_windows(len(self.tokens) + 1, self.context_length).starts)
@@ -455,7 +459,8 @@ class Validation:
         self.model.eval()
         with autocast(self.device, self.dtype):
             return score_tokens(self.model, self.tokens, self.byte_lengths, self.context_length,
-                                eot_id=self.tokenizer.eot_id, batch_size=batch_size, max_windows=max_windows)
+                                eot_id=self.tokenizer.eot_id, batch_size=batch_size, max_windows=max_windows,
+                                learned=self.learned)
 
 
 class Checkpoints:
@@ -517,6 +522,8 @@ def write_run_files(setup: TrainingSetup, parameters: int) -> None:
     rundir.write_config(setup.run_dir, setup.model_config, setup.train_config, extra)
     if not setup.resume:
         setup.tokenizer.save(setup.run_dir / rundir.TOKENIZER, overwrite=True)
+    if setup.chat_format is not None:
+        save_chat_format(setup.run_dir, setup.chat_format)
 
 
 class TrainingMeter:

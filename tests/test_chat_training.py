@@ -111,3 +111,87 @@ def test_scores_count_only_the_learned_ids_each_read_in_its_context() -> None:
     losses = F.cross_entropy(table[tokens[:-1]], tokens[1:], reduction="none")
     assert scores.total.tokens == int(learned[1:].sum())
     assert scores.total.nats == pytest.approx(float(losses[learned[1:]].sum()), rel=1e-5)
+
+
+def _conversations(path: Path, count: int, bad_line: int | None = None) -> Path:
+    """`count` short conversations made from data/sample.txt's words (a third with a system prompt)."""
+    import random
+
+    from tests.conftest import SAMPLE
+
+    words = SAMPLE.read_text(encoding="utf-8").split()
+    chooser = random.Random(0)
+    records: list[object] = []
+    for index in range(count):
+        messages = [{"role": "user", "content": "Say " + " ".join(chooser.sample(words, 3))},
+                    {"role": "assistant", "content": " ".join(chooser.sample(words, 5)) + "."}]
+        if index % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "Be brief."})
+        records.append({"messages": messages})
+    if bad_line is not None:
+        records.insert(bad_line - 1, {"messages": [{"role": "bot", "content": "x"}]})
+    return _write_jsonl(path, records)
+
+
+def test_lm_train_fine_tunes_a_base_run_on_conversations(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lm.chat import CHAT_FORMAT_FILE, has_chat_tokens, load_chat_format
+    from lm.tokenizer import Tokenizer
+    from tests.conftest import SAMPLE, run_lm
+
+    small = ["-T", "48", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "-B", "4"]
+    base = tmp_path / "base"
+    assert run_lm("train", SAMPLE, "--out", base, "--max-steps", "2", *small, "--vocab-size", "300").returncode == 0
+    chats = _conversations(tmp_path / "chat.jsonl", 120, bad_line=7)
+    run = tmp_path / "chat"
+    result = run_lm("train", chats, "--init-from", base, "--out", run, "--max-steps", "3", "--eval-every", "3")
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    assert "Chat tokens: <|system|>, <|user|>, <|assistant|>, <|end|> added as ids 300-303" in " ".join(printed.split())
+    assert "chat.jsonl:7" in printed and "Conversations (training):" in printed
+    assert load_chat_format(run) is not None and (run / CHAT_FORMAT_FILE).is_file()
+    tokenizer = Tokenizer.from_file(run / "tokenizer.json")
+    assert has_chat_tokens(tokenizer) and tokenizer.vocab_size == 304
+    assert load_file(str(run / "model.safetensors"))["tok_emb.weight"].shape[0] == 304
+    config = json.loads((run / "config.json").read_text())
+    assert config["corpus"]["text_field"] == "messages" and config["chat"]["learned_tokens"] > 0
+    scored = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in record for record in scored)
+    _check_exports_carry_the_template(run, tokenizer, tmp_path)
+
+
+def _check_exports_carry_the_template(run: Path, tokenizer, tmp_path: Path) -> None:
+    """transformers renders the exported template to lm's ids; the GGUF file holds it and ends turns at <|end|>."""
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    from lm.chat import chat_token_ids
+    from tests.conftest import run_lm
+
+    assert run_lm("export", run, "--out", tmp_path / "hf").returncode == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    messages = CONVERSATIONS[1]["messages"][:4]
+    rendered = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert list(rendered) == render(messages, tokenizer, add_generation_prompt=True).ids
+    end = chat_token_ids(tokenizer).end
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert end in generation["eos_token_id"]
+    assert run_lm("export", run, "--out", tmp_path / "chat.gguf", "--format", "gguf").returncode == 0
+    fields = gguf.GGUFReader(tmp_path / "chat.gguf").fields
+    template = fields["tokenizer.chat_template"]
+    assert bytes(template.parts[template.data[0]]).decode() == hf_tokenizer.chat_template
+    eot = fields["tokenizer.ggml.eot_token_id"]
+    assert int(eot.parts[eot.data[0]][0]) == end
+
+
+def test_lm_train_learns_conversations_from_scratch_with_its_own_tokenizer(tmp_path: Path) -> None:
+    from lm.chat import has_chat_tokens
+    from lm.tokenizer import Tokenizer
+    from tests.conftest import run_lm
+
+    chats = _conversations(tmp_path / "chat.jsonl", 120)
+    run = tmp_path / "run"
+    result = run_lm("train", chats, "--out", run, "--max-steps", "2", "-T", "48", "--n-layer", "1", "--n-head",
+                    "2", "--d-model", "16", "-B", "4", "--vocab-size", "300")
+    assert result.returncode == 0, result.stderr
+    assert has_chat_tokens(Tokenizer.from_file(run / "tokenizer.json"))
