@@ -1,18 +1,22 @@
-"""The chat session: one KV cache kept across turns, replies that stop at the end of a turn,
+"""`lm chat` and its session: one KV cache kept across turns, replies that stop at the end of a turn,
 the oldest exchanges dropped when the context fills, /reset, /system, /save, and a base run refused."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SAMPLE, write_run
+from typer.testing import CliRunner
 
 import lm.chat_session
+from cli.main import main
 from lm import rundir
 from lm.chat import (
     ChatFormat,
@@ -334,3 +338,111 @@ def test_a_base_run_is_refused_with_the_fix(base_run: Path, chat_run: Path) -> N
     with pytest.raises(InputError, match=r"base model.*lm train CONVERSATIONS\.jsonl --init-from"):
         chat_format_of(base_run)
     assert chat_format_of(chat_run) == ChatFormat()
+
+
+# `lm chat` over a pipe ------------------------------------------------------------------------------
+
+
+def lm_chat(*args: str | Path, input: str) -> tuple[int, str, str]:
+    """`lm chat ARGS` in this process, standard input from `input` (not a terminal): exit code, out, err."""
+    with CliRunner().isolation(input=input, env={"COLUMNS": "120"}) as (out, err, _):
+        try:
+            main(["chat", *map(str, args)])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        sys.stdout.flush()  # the isolation's text wrappers buffer what reaches `out` and `err`
+        sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def prefills(stderr: str) -> list[int]:
+    return [int(count) for count in re.findall(r"prefill (\d+) tokens", stderr)]
+
+
+def test_lm_chat_over_a_pipe_keeps_one_cache_across_turns(chat_run: Path, loaded) -> None:
+    tokenizer = loaded[1]
+    code, out, err = lm_chat(chat_run, "--stats", "-t", "0", "-n", "10", "--device", "cpu",
+                             input="Who holds the lamp?\n\nAnd the ladder?\n")
+    assert code == 0, err
+    first = 1 + turn_length(tokenizer, "user", "Who holds the lamp?") + 1
+    assert prefills(err) == [first, turn_length(tokenizer, "user", "And the ladder?") + 1]
+    assert err.count("tokens/s") == 2 and "seed " in err and out.endswith("\n")
+    session = new_session(loaded, max_new_tokens=10)  # the same replies, greedy
+    assert out == say(session, "Who holds the lamp?")[0] + "\n" + say(session, "And the ladder?")[0] + "\n"
+
+
+def test_lm_chat_commands_over_a_pipe(chat_run: Path, loaded, scripted, tmp_path: Path) -> None:
+    tokenizer = loaded[1]
+    scripted([*word_ids(tokenizer, 4), chat_token_ids(tokenizer).end])
+    saved, after_reset = tmp_path / "saved" / "chat.jsonl", tmp_path / "reset.jsonl"
+    lines = ["/system Be terse.", "Who holds the lamp?", f"/save {saved}", "/reset", "Hello.", f"/save {after_reset}",
+             "/system", "Goodbye.", "/quit", "never read"]
+    code, out, err = lm_chat(chat_run, "--stats", "--seed", "3", input="\n".join(lines) + "\n")
+    assert code == 0, err
+    reply = tokenizer.decode(word_ids(tokenizer, 4))
+    assert out == f"{reply}\n" * 3  # three turns; nothing after /quit
+    record = json.loads(saved.read_text(encoding="utf-8"))
+    assert record == {"messages": [{"role": "system", "content": "Be terse."},
+                                   {"role": "user", "content": "Who holds the lamp?"},
+                                   {"role": "assistant", "content": reply}]}
+    assert conversation_problem(record["messages"]) is None  # a record training takes
+    assert [m["content"] for m in json.loads(after_reset.read_text(encoding="utf-8"))["messages"]] == [
+        "Be terse.", "Hello.", reply]
+    assert "saved 3 messages to" in err and "seed 3" in err
+    # After /reset the start, the system prompt and the <|user|> after them stayed cached; after /system
+    # (removed) everything after the start is read again: "Hello.", its reply (4 words) and "Goodbye.".
+    hello = turn_length(tokenizer, "user", "Hello.")
+    assert prefills(err)[1] == hello + 1 - 1
+    assert prefills(err)[2] == hello + (1 + 4 + 1) + turn_length(tokenizer, "user", "Goodbye.") + 1
+
+
+def test_lm_chat_says_when_the_context_is_full(chat_run: Path) -> None:
+    question = "Who holds the lamp by the wall, and who the ladder?"
+    code, _, err = lm_chat(chat_run, "-t", "0", "-n", "8", "--system", "Be terse.", input=f"{question}\n" * 6)
+    assert code == 0, err
+    notices = [line for line in err.splitlines() if "is full" in line]
+    assert notices and notices[0].startswith(f"the context ({CONTEXT} tokens) is full: dropped the oldest 2 messages")
+    assert "(the system prompt stays)" in notices[0]
+
+
+def test_lm_chat_refuses_a_base_run_in_one_line(base_run: Path) -> None:
+    code, out, err = lm_chat(base_run, input="Hello.\n")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"lm train CONVERSATIONS.jsonl --init-from {base_run}" in err
+
+
+def test_lm_chat_errors_over_a_pipe_end_the_run_in_one_line(chat_run: Path, loaded, scripted) -> None:
+    words = word_ids(loaded[1], 2)
+    scripted(words)
+    code, out, err = lm_chat(chat_run, "-n", "2", input="Hello.\n/unknown\nNever.\n")
+    assert code == 2 and out == loaded[1].decode(words) + "\n"
+    assert err.startswith("error: unknown command /unknown") and err.count("\n") == 1
+    code, _, err = lm_chat(chat_run, "--top-p", "0", input="Hello.\n")
+    assert code == 2 and err.startswith("error: --top-p")
+
+
+def test_lm_chat_in_a_terminal_reports_a_problem_and_goes_on(chat_run: Path, loaded, scripted,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli.chat
+
+    typed = iter(["Hello.", "/save", "/nonsense", "How fares the night?"])
+
+    def fake_input(prompt: str = "") -> str:
+        line = next(typed, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    monkeypatch.setattr(cli.chat, "_stdin_is_a_terminal", lambda: True)
+    monkeypatch.setattr("builtins.input", fake_input)
+    words = word_ids(loaded[1], 3)
+    scripted([*words, chat_token_ids(loaded[1]).end])
+    code, out, err = lm_chat(chat_run, input="")
+    assert code == 0, err
+    assert out == f"{loaded[1].decode(words)}\n" * 2 + "\n"  # two replies, then Ctrl-D's new line
+    lines = err.splitlines()
+    assert "/reset, /system TEXT, /save FILE, /quit" in lines[0]  # what can be typed, said once at the start
+    assert lines[1:] == ["error: /save needs a file: /save FILE",
+                         "error: unknown command /nonsense; the commands are /reset, /system TEXT, /save FILE, /quit"]
