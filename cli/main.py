@@ -8,6 +8,7 @@ import sys
 import typer
 
 from cli import (
+    chat,
     corpus,
     evaluate,
     export,
@@ -37,6 +38,7 @@ app.command("train-tokenizer")(train_tokenizer.command)
 app.command("tokenize")(tokenize_text.command)
 app.command("train")(train.command)
 app.command("generate")(generate.command)
+app.command("chat")(chat.command)
 app.command("eval")(evaluate.command)
 app.command("inspect-attention")(inspect_attention.command)
 app.command("inspect-embeddings")(inspect_embeddings.command)

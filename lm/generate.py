@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +109,30 @@ class CompiledDecoder:
         return self._compiled(ids).clone()
 
 
+@dataclass(frozen=True)
+class TokenStep:
+    """How one new token per sample runs through a model over a default (non-static) `KVCache`."""
+
+    run: Callable[[torch.Tensor, KVCache], torch.Tensor]  # (ids (batch, 1), cache) -> logits (batch, vocab)
+    kernels: str  # what runs it, for stats: PyTorch's operations or lm's C kernels
+
+
+def token_step(model: GPT, batch: int = 1) -> TokenStep:
+    """The fastest step for `model` at `batch` samples: lm's C kernels where they apply (a CPU, float32),
+    else `GPT.decode_step`, else the forward pass.
+
+    decode_step skips the model's own __call__: only for a plain GPT, not one whose forward hooks do
+    work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
+    """
+    lean = type(model) is GPT
+    cpu_decoder = cpu_decoder_for(model) if lean else None
+    if cpu_decoder is not None:
+        return TokenStep(cpu_decoder.step, f"lm's C kernels ({cpu_kernels.kernel_name(cpu_decoder.library(batch))})")
+    if lean:
+        return TokenStep(model.decode_step, "PyTorch")
+    return TokenStep(lambda ids, cache: model(ids, cache=cache)[0][:, -1], "PyTorch")
+
+
 def window_keep(context_length: int) -> int:
     """How many of the latest tokens a full window keeps when it slides."""
     return max(1, context_length * 3 // 4)
@@ -155,12 +179,9 @@ def generate_tokens(
         seen = torch.zeros(num_samples, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[:, history[0, :filled]] = True
     cache = KVCache(model.config, num_samples, device, next(model.parameters()).dtype) if use_cache else None
-    # decode_step skips the model's own __call__: only for a plain GPT, not one whose forward hooks do
-    # work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
-    lean = type(model) is GPT
-    cpu_decoder = cpu_decoder_for(model) if lean and cache is not None and decoder is None else None
-    if cpu_decoder is not None:
-        stats.kernels = f"lm's C kernels ({cpu_kernels.kernel_name(cpu_decoder.library(num_samples))})"
+    cached_step = token_step(model, num_samples) if cache is not None and decoder is None else None
+    if cached_step is not None:
+        stats.kernels = cached_step.kernels
 
     def run_window() -> torch.Tensor:
         """Logits after reading the whole current window (a prefill when caching)."""
@@ -197,12 +218,8 @@ def generate_tokens(
             logits = run_window()
         elif decoder is not None:
             logits = decoder.step(ids[:, None], filled - 1 - start)
-        elif cache is not None and cpu_decoder is not None:
-            logits = cpu_decoder.step(ids[:, None], cache)
-        elif cache is not None and lean:
-            logits = model.decode_step(ids[:, None], cache)
-        elif cache is not None:
-            logits = model(ids[:, None], cache=cache)[0][:, -1]
+        elif cached_step is not None:
+            logits = cached_step.run(ids[:, None], cache)
         else:
             logits = model(history[:, start:filled])[0][:, -1]
 
