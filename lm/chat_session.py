@@ -32,7 +32,6 @@ Nothing here prints: `reply` yields text pieces and `ContextTrimmed` notices, an
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch
 
 from lm.chat import (
     ASSISTANT,
+    CHAT_FORMAT_FILE,
     DEFAULT_CHAT_FORMAT,
     MESSAGES_FIELD,
     SYSTEM,
@@ -51,6 +51,7 @@ from lm.chat import (
     chat_token_ids,
     conversation_start,
     generation_prompt,
+    load_chat_format,
     render_turn,
 )
 from lm.errors import InputError, UsageError
@@ -60,25 +61,6 @@ from lm.rundir import is_run
 from lm.sampling import SamplingConfig, sample_next
 from lm.tokenizer import Tokenizer, TokenTextDecoder
 
-# TODO(merge): replace with lm.chat.load_chat_format, which reads this same file, once that lands.
-CHAT_FORMAT_FILE = "chat_format.json"
-
-
-def read_chat_format(run_dir: Path) -> ChatFormat | None:
-    """The chat format a run directory records, or None for a base (non-chat) run.
-
-    A private stand-in for `lm.chat.load_chat_format` (being added beside `save_chat_format`): replace
-    this function by it at merge; it reads the same `chat_format.json` through `ChatFormat.from_dict`.
-    """
-    path = Path(run_dir) / CHAT_FORMAT_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path} cannot be read ({err}); the run directory is damaged") from None
-    return ChatFormat.from_dict(data, str(path))
-
 
 def chat_format_of(run_dir: Path) -> ChatFormat:
     """The chat format of a chat run; `InputError` naming the fix for a base run.
@@ -86,7 +68,7 @@ def chat_format_of(run_dir: Path) -> ChatFormat:
     A folder that is not a run at all is left for `load_run` to explain (this returns the default then).
     """
     run_dir = Path(run_dir)
-    chat_format = read_chat_format(run_dir)
+    chat_format = load_chat_format(run_dir)
     if chat_format is not None or not is_run(run_dir):
         return chat_format or DEFAULT_CHAT_FORMAT
     raise InputError(f"{run_dir} is a base model, not a chat model (it has no {CHAT_FORMAT_FILE}); fine-tune it on "
