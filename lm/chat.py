@@ -577,3 +577,31 @@ def jinja_chat_template(chat_format: ChatFormat = DEFAULT_CHAT_FORMAT) -> str:
         + "{% endfor %}"
         + f"{{% if add_generation_prompt %}}{markers[ASSISTANT]}{{% endif %}}"
     )
+
+
+# The format a run directory records -------------------------------------------------------------
+
+CHAT_FORMAT_FILE = "chat_format.json"  # in a run directory; a run without it is a base (non-chat) run
+
+
+def save_chat_format(run_dir: Path, chat_format: ChatFormat) -> None:
+    """Record in `run_dir` that its model answers in turns, in `chat_format` (written atomically)."""
+    import json
+
+    from lm.atomic import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / CHAT_FORMAT_FILE, json.dumps(chat_format.to_dict(), indent=2) + "\n")
+
+
+def load_chat_format(run_dir: Path) -> ChatFormat | None:
+    """The chat format `run_dir` records, or None for a base run; `InputError` for a damaged record."""
+    import json
+
+    path = Path(run_dir) / CHAT_FORMAT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} cannot be read as JSON ({err}); the run directory is damaged") from None
+    return ChatFormat.from_dict(data, source=str(path))
