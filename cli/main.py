@@ -17,6 +17,7 @@ from cli import (
     inspect_attention,
     inspect_embeddings,
     presets,
+    serve,
     tokenize_text,
     train,
     train_tokenizer,
@@ -43,6 +44,7 @@ app.command("export")(export.command)
 app.command("import")(import_hf.command)
 app.command("info")(info.command)
 app.command("presets")(presets.command)
+app.command("serve")(serve.command)
 
 
 def _version(value: bool) -> None:

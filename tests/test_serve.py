@@ -1,15 +1,23 @@
-"""Serving: the scheduler's continuous batching (lm/serving.py), the per-row positions it decodes with
-(lm/model.py) and the chat format a run directory records (lm/chat.py).
+"""`lm serve`: the scheduler's continuous batching (lm/serving.py), the per-row positions it decodes with
+(lm/model.py), and the OpenAI-compatible HTTP server (cli/openai_api.py) driven by the official client.
 
 The runs: a base run trained for a few steps through the library, and a chat run made from it the way
 `--init-from` makes one (`add_chat_tokens` + `grow_vocab`), then taught four short conversations so that
-it answers them and ends its turn.
+it answers them and ends its turn. Servers bind 127.0.0.1 on a free port, in a thread, and stop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +45,17 @@ from lm.sampling import SamplingConfig
 from lm.serving import ContextOverflow, GenerationRequest, QueueFull, Scheduler, Update
 from lm.train import Trainer, TrainingSetup
 
+try:  # the official client and the `serve` extra, in `dev`: without them the server's tests skip, the rest run
+    import openai
+    import uvicorn
+
+    from cli.openai_api import ServedRun, create_app
+    from cli.serve import load_runs
+except ImportError:
+    openai = uvicorn = None
+needs_server = pytest.mark.skipif(openai is None, reason="needs the serve extra and openai: pip install -e '.[dev]'")
+
+KEY = "test-key"
 GREEDY = SamplingConfig(temperature=0.0)
 CONTEXT = 128
 TAUGHT = [("Hello!", "Hi there."), ("What is your name?", "I am a tiny model."),
@@ -323,3 +342,300 @@ def test_batched_and_alone_agree_on_a_gpu(chat_model) -> None:
     requests += [GenerationRequest(tuple(tokenizer.encode(f"Verse {i}")), 20, sampled, seed=i) for i in range(3)]
     together = decode_all(Scheduler(gpu, tokenizer, max_batch=4), requests)
     assert together == [decode_all(Scheduler(gpu, tokenizer, max_batch=1), [request])[0] for request in requests]
+
+
+# The HTTP server -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    runs: list[ServedRun]
+
+    def client(self, key: str | None = KEY, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=30, **options)
+
+    def scheduler(self, name: str) -> Scheduler:
+        return next(run.scheduler for run in self.runs if run.name == name)
+
+
+@contextlib.contextmanager
+def serving(runs: Runs, *, max_batch: int = 8, max_queue: int = 16, api_key: str | None = KEY) -> Iterator[Server]:
+    served = load_runs([runs.chat, runs.base], torch.device("cpu"), "float32", max_batch, max_queue)
+    server = uvicorn.Server(uvicorn.Config(create_app(served, api_key), log_level="warning", access_log=False))
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))  # a free port, held from here on: no other test can take it
+    port = listening.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield Server(f"http://127.0.0.1:{port}/v1", served)
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        listening.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(runs: Runs) -> Iterator[Server]:
+    with serving(runs) as running:
+        yield running
+
+
+def post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
+    """A raw request (for bodies the official client would never send): status and JSON body."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@needs_server
+def test_models_are_listed_by_their_folder_names(server: Server) -> None:
+    models = server.client().models.list()
+    assert [model.id for model in models.data] == ["chat", "base"]
+    assert server.client().models.retrieve("base").id == "base"
+
+
+@needs_server
+def test_chat_through_the_official_client_whole_and_streamed(server: Server) -> None:
+    client = server.client()
+    for user, reply in TAUGHT:
+        answer = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": user}],
+                                                temperature=0)
+        assert answer.object == "chat.completion" and answer.model == "chat"
+        assert answer.choices[0].message.content == reply and answer.choices[0].finish_reason == "stop"
+        assert answer.usage.completion_tokens == len(client_tokens(server, reply)) + 1
+    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Say something "
+                                            "in French."}], temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert "".join(pieces) == "Très bien 👍" and "\ufffd" not in "".join(pieces)  # whole characters only
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer_tokens("Très bien 👍", server)
+
+
+def client_tokens(server: Server, text: str) -> list[int]:
+    return server.runs[0].tokenizer.encode(text)
+
+
+def answer_tokens(reply: str, server: Server) -> int:
+    return len(client_tokens(server, reply)) + 1
+
+
+@needs_server
+def test_completions_whole_and_streamed_agree(server: Server) -> None:
+    client = server.client()
+    whole = client.completions.create(model="base", prompt="ROMEO:", max_tokens=20, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 20 and whole.usage.prompt_tokens == 1 + len(client_tokens(server, "ROMEO:"))
+    chunks = list(client.completions.create(model="base", prompt="ROMEO:", max_tokens=20, temperature=0,
+                                            stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert client.completions.create(model="base", prompt="ROMEO:", temperature=0).usage.completion_tokens == 16
+    text = whole.choices[0].text
+    stop = text[5:8]
+    cut = client.completions.create(model="base", prompt="ROMEO:", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+@needs_server
+def test_a_seed_gives_repeatable_text(server: Server) -> None:
+    client = server.client()
+
+    def sample(seed: int) -> str:
+        return client.completions.create(model="base", prompt="The king", max_tokens=24, temperature=1.0,
+                                         top_p=0.95, seed=seed, extra_body={"top_k": 40}).choices[0].text
+
+    assert sample(3) == sample(3)
+    assert len({sample(3), sample(4), sample(5)}) > 1
+    chat = [client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Who?"}],
+                                           max_completion_tokens=12, temperature=1.2, seed=9)
+            .choices[0].message.content for _ in range(2)]
+    assert chat[0] == chat[1]
+
+
+@needs_server
+def test_sixteen_concurrent_streams_each_get_their_own_text(server: Server) -> None:
+    client = server.client()
+    words = ["Hark", "Nay", "Alas", "Fie", "Come", "Soft", "Peace", "Good"]
+
+    def ask_for(index: int, stream: bool) -> tuple[str, str | None]:
+        options = {"temperature": 0, "max_tokens": 6 + 3 * index, "stream": stream}
+        if index % 2:
+            response = client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": f"{words[index % 8]}, {index}?"}], **options)
+            if not stream:
+                return response.choices[0].message.content, response.choices[0].finish_reason
+            chunks = [chunk.choices[0] for chunk in response if chunk.choices]
+            return "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+        response = client.completions.create(model="chat", prompt=f"{words[index % 8]}, said {index}", **options)
+        if not stream:
+            return response.choices[0].text, response.choices[0].finish_reason
+        chunks = [chunk.choices[0] for chunk in response]
+        return "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda index: ask_for(index, stream=True), range(16)))
+    assert server.scheduler("chat").counts().peak_batch > 4  # decoded together, not one after another
+    alone = [ask_for(index, stream=False) for index in range(16)]
+    assert together == alone
+    assert len({text for text, _ in together}) > 8
+
+
+@needs_server
+def test_a_client_dropped_mid_stream_frees_its_row(runs: Runs, monkeypatch) -> None:
+    with serving(runs, max_batch=1, max_queue=0) as server:
+        scheduler = server.scheduler("base")
+        step = scheduler.step
+        monkeypatch.setattr(scheduler, "step", lambda: time.sleep(0.02) or step())  # 100 tokens: 2 s
+        client = server.client()
+        stream = client.completions.create(model="base", prompt="ROMEO:", max_tokens=100, temperature=0,
+                                           stream=True)
+        received = [chunk for chunk, _ in zip(stream, range(3), strict=False)]
+        assert len(received) == 3
+        stream.close()
+        deadline = time.monotonic() + 5
+        while scheduler.counts().active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counts = scheduler.counts()
+        assert (counts.active, counts.cancelled, counts.finished) == (0, 1, 0)
+        again = client.completions.create(model="base", prompt="ROMEO:", max_tokens=3, temperature=0)
+        assert again.usage.completion_tokens == 3  # the row was free at once (max_queue 0: no waiting)
+
+
+@needs_server
+def test_a_full_queue_gets_429(runs: Runs, monkeypatch) -> None:
+    with serving(runs, max_batch=1, max_queue=1) as server:
+        scheduler = server.scheduler("chat")
+        gate = threading.Event()
+        step = scheduler.step
+        monkeypatch.setattr(scheduler, "step", lambda: gate.wait(10) and step())  # nothing decodes until the gate
+        client = server.client()
+        messages = [{"role": "user", "content": "Hello!"}]
+        first, second = (client.chat.completions.create(model="chat", messages=messages, temperature=0, stream=True)
+                         for _ in range(2))
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="chat", messages=messages, temperature=0)
+        assert_openai_error(refused.value.status_code, refused.value.body, 429, "busy")
+        gate.set()
+        for stream in (first, second):
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hi there."
+
+
+def assert_openai_error(status: int, body: dict, expected_status: int, *needles: str) -> None:
+    error = body.get("error", body)  # the client hands over the "error" object itself
+    assert status == expected_status, (status, body)
+    assert set(error) == {"message", "type", "param", "code"}, body
+    for needle in needles:
+        assert needle in error["message"], (needle, error)
+
+
+@needs_server
+@pytest.mark.parametrize(("path", "body", "status", "needles"), [
+    ("completions", b"{not json", 400, ["not JSON"]),
+    ("completions", b"[1, 2]", 400, ["not an object"]),
+    ("completions", {"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, ["temperature must be a number"]),
+    ("completions", {"model": "base", "prompt": "Hi", "temperature": 2.5}, 400, ["from 0 to 2"]),
+    ("completions", {"model": "base", "prompt": "Hi", "top_p": 1.5}, 400, ["top_p"]),
+    ("completions", {"model": "base", "prompt": "Hi", "max_tokens": 0}, 400, ["max_tokens must be at least 1"]),
+    ("completions", {"model": "base", "prompt": "Hi", "max_tokens": True}, 400, ["max_tokens must be an integer"]),
+    ("completions", {"model": "base", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, ["at most 4"]),
+    ("completions", {"model": "base", "prompt": "Hi", "seed": 1.5}, 400, ["seed must be an integer"]),
+    ("completions", {"model": "base", "prompt": "Hi", "n": 2}, 400, ["n=1"]),
+    ("completions", {"model": "base", "prompt": 7}, 400, ["prompt"]),
+    ("completions", {"model": "base", "prompt": "Hi", "stream_options": {"include_usage": True}}, 400,
+     ["stream: true"]),
+    ("completions", {"prompt": "Hi"}, 400, ["'model' must name"]),
+    ("completions", {"model": "nope", "prompt": "Hi"}, 404, ["'nope' does not exist", "chat, base"]),
+    ("completions", {"model": "base", "prompt": "Hi " * 300}, 400,
+     [f"tokens but the model 'base' reads at most {CONTEXT}", "shorten the prompt"]),
+    ("chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}]}, 400,
+     ["base model", "fine-tune it on conversations"]),
+    ("chat/completions", {"model": "chat", "messages": [{"role": "assistant", "content": "Hi"}]}, 400,
+     ["message 1 is assistant where user was expected"]),
+    ("chat/completions", {"model": "chat", "messages": [{"role": "wizard", "content": "Hi"}]}, 400, ["role"]),
+    ("chat/completions", {"model": "chat", "messages": "Hi"}, 400, ["'messages' must be a list"]),
+    ("chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi " * 300}]}, 400,
+     ["nothing is left for the reply"]),
+    ("embeddings", {"model": "chat", "input": "Hi"}, 404, ["no route POST /v1/embeddings"]),
+])
+@needs_server
+def test_bad_requests_get_their_status_and_an_openai_error(server: Server, path: str, body, status: int,
+                                                           needles: list[str]) -> None:
+    assert_openai_error(*post(f"{server.url}/{path}", body), status, *needles)
+
+
+@needs_server
+def test_the_key_is_required_and_checked(server: Server) -> None:
+    request = {"model": "base", "prompt": "Hi", "max_tokens": 2}
+    assert_openai_error(*post(f"{server.url}/completions", request, key=None), 401, "no API key")
+    assert_openai_error(*post(f"{server.url}/completions", request, key="wrong"), 401, "wrong API key")
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    assert post(f"{server.url}/completions", request)[0] == 200
+
+
+@needs_server
+def test_the_official_client_sees_typed_errors(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4", prompt="Hi")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model="base", prompt="Hi " * 300)
+    assert long.value.code == "context_length_exceeded"
+
+
+@needs_server
+def test_each_request_is_logged_on_one_line(server: Server, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="lm.serve"):
+        server.client().completions.create(model="base", prompt="ROMEO:", max_tokens=3, temperature=0)
+        post(f"{server.url}/completions", {"model": "nope", "prompt": "Hi"})
+    lines = [record.getMessage() for record in caplog.records if record.name == "lm.serve"]
+    assert len(lines) == 2
+    assert lines[0].startswith("POST /v1/completions 200 model=base tokens=") and lines[0].endswith("s")
+    assert lines[1].startswith("POST /v1/completions 404 ") and "does not exist" in lines[1]
+
+
+# The command ---------------------------------------------------------------------------------------
+
+
+def test_help_says_what_binding_every_address_exposes() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "0.0.0.0" in text and "anyone there can run the models" in text and "--api-key" in text
+
+
+@needs_server
+def test_without_the_serve_extra_the_command_says_how_to_install_it(runs: Runs, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    import cli.serve
+    from cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.serve.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "uvicorn" else real(name, *args))
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", str(runs.chat)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: lm serve needs uvicorn; install with: pip install 'lm[serve]'"
