@@ -398,10 +398,10 @@ def stop_strings(stop: object) -> tuple[str, ...]:
 # Answering ----------------------------------------------------------------------------------------
 
 
-def submit(call: Call) -> tuple[Callable[[], None], asyncio.Queue[Update]]:
+def submit(call: Call) -> tuple[Callable[[], None], asyncio.Queue[Update | None]]:
     """Hand the call to its run's scheduler; its updates arrive on the returned queue, on this event loop."""
     loop = asyncio.get_running_loop()
-    updates: asyncio.Queue[Update] = asyncio.Queue()
+    updates: asyncio.Queue[Update | None] = asyncio.Queue()  # None: the client went away
 
     def deliver(update: Update) -> None:  # on the scheduler's worker thread
         loop.call_soon_threadsafe(updates.put_nowait, update)
@@ -424,28 +424,35 @@ async def answer(request: Request, call: Call, started: float) -> Response:
         return EventStream(stream_events(request, call, cancel, updates, started), on_close=cancel,
                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces = []
+    watcher = asyncio.create_task(watch_for_disconnect(request, updates))
     try:
         while True:
-            try:
-                update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    log_request(request, 499, started, model=call.run.name, detail="the client went away")
-                    return Response(status_code=499)
-                continue
+            update = await updates.get()
+            if update is None:
+                log_request(request, 499, started, model=call.run.name, detail="the client went away")
+                return Response(status_code=499)  # nobody reads it; 499 is what nginx logs for this
             if update.error is not None:
                 raise ApiError(500, update.error, kind="server_error")
             pieces.append(update.text)
             if update.finished:
                 break
     finally:
+        watcher.cancel()
         cancel()  # frees the row at once when the client left or the step failed; nothing once finished
     log_request(request, 200, started, model=call.run.name, update=update)
     body = call.envelope([call.choice("".join(pieces), update.finish_reason)])
     return JSONResponse({**body, "usage": usage(update)})
 
 
-async def stream_events(request: Request, call: Call, cancel: Callable[[], None], updates: asyncio.Queue[Update],
+async def watch_for_disconnect(request: Request, updates: asyncio.Queue[Update | None]) -> None:
+    """Put None on `updates` once the client has gone away (checked every DISCONNECT_POLL_S)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    updates.put_nowait(None)
+
+
+async def stream_events(request: Request, call: Call, cancel: Callable[[], None],
+                        updates: asyncio.Queue[Update | None],
                         started: float) -> AsyncIterator[str]:
     """The answer as server-sent events: chunks of text, the finish reason, usage if asked, [DONE]."""
     update, outcome = None, "the client went away"
@@ -456,6 +463,8 @@ async def stream_events(request: Request, call: Call, cancel: Callable[[], None]
             yield event(call.envelope([first]), call)
         while True:
             update = await updates.get()
+            if update is None:  # only a whole answer's watcher sends it; a stream learns of a disconnect from Starlette
+                return
             if update.error is not None:
                 outcome = update.error
                 yield "data: " + json.dumps(ApiError(500, update.error, kind="server_error").body()) + "\n\n"

@@ -353,7 +353,7 @@ class Server:
     runs: list[ServedRun]
 
     def client(self, key: str | None = KEY, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=30, **options)
+        return openai.OpenAI(base_url=self.url, api_key=key or "none", **{"max_retries": 0, "timeout": 30, **options})
 
     def scheduler(self, name: str) -> Scheduler:
         return next(run.scheduler for run in self.runs if run.name == name)
@@ -515,6 +515,13 @@ def test_a_client_dropped_mid_stream_frees_its_row(runs: Runs, monkeypatch) -> N
         assert (counts.active, counts.cancelled, counts.finished) == (0, 1, 0)
         again = client.completions.create(model="base", prompt="ROMEO:", max_tokens=3, temperature=0)
         assert again.usage.completion_tokens == 3  # the row was free at once (max_queue 0: no waiting)
+        with pytest.raises(openai.APITimeoutError):  # a whole answer's client that gives up goes away too
+            server.client(timeout=0.3).completions.create(model="base", prompt="ROMEO:", max_tokens=100)
+        deadline = time.monotonic() + 5
+        while (scheduler.counts().cancelled < 2 or scheduler.counts().active) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counts = scheduler.counts()
+        assert (counts.active, counts.cancelled, counts.finished) == (0, 2, 1)
 
 
 @needs_server
