@@ -29,8 +29,8 @@ after `max_tokens` ("length").
 
 What a request produced arrives as `Update`s through the callback given to `submit`, called on the
 worker thread: a front end hands them to its own threads or event loop (the HTTP server puts them on
-an asyncio queue with `call_soon_threadsafe`). After `Ticket.cancel` no more updates come, and the
-sequence's row is free at the next step.
+an asyncio queue with `call_soon_threadsafe`). After `Ticket.cancel` the sequence takes no more
+tokens (an update already being delivered may still arrive), and its row is free at the next step.
 """
 
 from __future__ import annotations
