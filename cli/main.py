@@ -18,6 +18,7 @@ from cli import (
     inspect_attention,
     inspect_embeddings,
     presets,
+    serve,
     tokenize_text,
     train,
     train_tokenizer,
@@ -39,6 +40,7 @@ app.command("tokenize")(tokenize_text.command)
 app.command("train")(train.command)
 app.command("generate")(generate.command)
 app.command("chat")(chat.command)
+app.command("serve")(serve.command)
 app.command("eval")(evaluate.command)
 app.command("inspect-attention")(inspect_attention.command)
 app.command("inspect-embeddings")(inspect_embeddings.command)

@@ -11,6 +11,7 @@ keys are rotated by an angle that grows with position, so their dot product depe
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,10 @@ class KVCache:
     by slice assignment, and attention reads the filled part only. With `static=True` the caller
     sets `positions` (a tensor) for each call, and attention reads the whole buffer through a mask:
     every decode step then has the same shapes, which is what torch.compile (and CUDA graphs) need.
+    Static `positions` are (new tokens,), the same for every row, or (batch, new tokens), one row's
+    own positions each: a batch of sequences of different lengths then decodes in one step, each
+    token attending to its own row's earlier positions (what `lm.serving` does). `view` gives a
+    static cache over some rows and leading positions of the same buffers.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
@@ -99,8 +104,13 @@ class KVCache:
             # two buffers are then the only (static-address) inputs the step writes to, which CUDA
             # graphs require, instead of one aliasing view per layer.
             keys, values = self.keys[layer], self.values[layer]
-            keys[:, :, self.positions] = k
-            values[:, :, self.positions] = v
+            if self.positions.dim() == 1:
+                keys[:, :, self.positions] = k
+                values[:, :, self.positions] = v
+            else:  # row b's new tokens go to its own positions[b]; the indexed view is (batch, new, head, d_head)
+                rows = torch.arange(k.size(0), device=k.device)[:, None]
+                keys[rows, :, self.positions] = k.transpose(1, 2)
+                values[rows, :, self.positions] = v.transpose(1, 2)
             return keys, values
         keys, values = self._per_layer[layer]
         end = self.length + k.size(2)
@@ -109,9 +119,24 @@ class KVCache:
         return keys[:, :, :end], values[:, :, :end]
 
     def allowed(self) -> torch.Tensor:
-        """Static mode: (new tokens, buffer length), True where a new token may attend (itself and before)."""
+        """Static mode: True where a new token may attend (itself and before): (new tokens, buffer length),
+        or (batch, 1, new tokens, buffer length) for per-row positions (the 1 broadcasts over heads)."""
         assert self.positions is not None
-        return torch.arange(self.keys.size(3), device=self.keys.device) <= self.positions[:, None]
+        allowed = torch.arange(self.keys.size(3), device=self.keys.device) <= self.positions[..., None]
+        return allowed if self.positions.dim() == 1 else allowed.unsqueeze(1)
+
+    def view(self, rows: slice, length: int) -> KVCache:
+        """A static cache over `rows` of the batch and the first `length` positions of these buffers.
+
+        The buffers are shared, not copied: what a call through the view writes lands here. Attention
+        through it reads `length` positions, not the whole context, so a batch of short sequences in a
+        long context costs what their lengths need.
+        """
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, rows, :, :length], self.values[:, rows, :, :length]
+        view._per_layer = [(view.keys[layer], view.values[layer]) for layer in range(view.keys.size(0))]
+        view.static, view.positions, view.length = True, None, 0
+        return view
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -369,7 +394,10 @@ class GPT(nn.Module):
     def _rope(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.pos_encoding != "rope":
             return None
-        return self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:  # per row: (batch, 1 for the heads, time, d)
+            return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
 
 
 def use_decoding_layout(model: GPT) -> GPT:
