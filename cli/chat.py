@@ -86,18 +86,9 @@ def command(
     Without a terminal, user turns are read from standard input, one per line, and each reply is
     written to standard output followed by a newline; notices and --stats go to standard error.
     """
-    from lm.config import DTYPES
-    from lm.errors import UsageError
-    from lm.sampling import SamplingConfig
-
     # Every value is checked before the model is loaded.
-    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-    if quantize not in ("none", "int8"):
-        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
+    sampling = generate.check_decoding_options(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens,
+                                               dtype, quantize)
 
     from lm.chat_session import ChatSession, chat_format_of
     from lm.checkpoint import load_run

@@ -19,6 +19,23 @@ SAMPLING = "Sampling (applied in this order: repetition penalty, temperature, to
 HARDWARE = "Hardware"
 
 
+def check_decoding_options(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
+                           max_new_tokens: int, dtype: str, quantize: str) -> SamplingConfig:
+    """The sampling settings, every decoding option checked (`lm generate` and `lm chat` share them)."""
+    from lm.config import DTYPES
+    from lm.errors import UsageError
+    from lm.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
+    return sampling
+
+
 def command(
     run_dir: Annotated[Path, typer.Argument(
         metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
@@ -74,20 +91,13 @@ def command(
     Standard output gets the prompt and its continuation and nothing else; notices and --stats go to
     standard error.
     """
-    from lm.config import DTYPES
     from lm.errors import UsageError
-    from lm.sampling import SamplingConfig
 
     # Every value is checked before the model is loaded.
-    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    sampling = check_decoding_options(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, dtype,
+                                      quantize)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-    if quantize not in ("none", "int8"):
-        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
     if compile and not kv_cache:
         raise UsageError("--compile compiles the cached decode step; drop it or drop --no-kv-cache")
     if prompt is not None and prompt_file is not None:
