@@ -1,4 +1,6 @@
-"""Shared fixtures: a small tokenizer trained once, and a runner for the real `lm` executable.
+"""Shared fixtures: a small tokenizer trained once, and runners for `lm`: in this process (`run_lm`, what most
+tests use: no Python and torch to start for each call) and as the installed executable (`run_lm_process`, for
+what only a process shows: signals, torchrun, the entry point itself).
 
 Tests marked `cuda` (tests/test_cuda.py) need a CUDA GPU and are skipped without one; `make gpu-check`
 runs them where there is one.
@@ -10,6 +12,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,14 +82,130 @@ def sample_tokenizer():
     return tokenizer
 
 
-def run_lm(*args: str | Path, cwd: Path | None = None, stdin: str | None = None,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_lm_process(*args: str | Path, cwd: Path | None = None, stdin: str | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed `lm` executable, as a user would, and capture what it prints."""
     assert LM.exists(), f"the lm entry point is not installed beside {sys.executable}"
     return subprocess.run(
         [str(LM), *map(str, args)], cwd=cwd, input=stdin, capture_output=True, text=True,
         env={**os.environ, "COLUMNS": "120", **(env or {})}, timeout=120,
     )
+
+
+# What a fresh interpreter (no -W, no PYTHONWARNINGS, not in development mode) starts with.
+STARTUP_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                           ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                           ("ignore", ResourceWarning, "")]
+
+
+def run_lm(*args: str | Path, cwd: Path | None = None, stdin: str | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `lm` in this process and capture what it prints: what `run_lm_process` gives, without starting
+    Python and importing torch for each call.
+
+    The very entry point the executable runs (cli.main.main: its one-line errors and exit codes), with
+    standard input, output and error of its own, `sys.argv`, the working folder and the environment as the
+    process would have them, warnings shown on standard error as a fresh interpreter shows them, and an
+    uncaught exception printed as a traceback with exit code 1. Like a new process it knows no CPU choice
+    (lm/cpu_choices.py) but what the cache folder holds. What one call changes in this process is put back
+    afterwards: the environment, the cached rich consoles (they keep the width COLUMNS gave them), torch's
+    thread count, random state, grad mode, default dtype and matmul precision.
+    """
+    from typer._click import formatting
+    from typer.testing import CliRunner
+
+    from cli.main import main
+
+    argv = [str(arg) for arg in args]
+    saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    restore_torch = _save_torch_state()
+    _forget_consoles()
+    _forget_cpu_choices()
+    code = 0
+    try:
+        with CliRunner().isolation(input=stdin, env={"COLUMNS": "120", **(env or {})}) as (out, err, _), \
+                warnings.catch_warnings():
+            formatting.FORCED_WIDTH = None  # the runner's 80 columns for click's help; the process has COLUMNS
+            warnings.resetwarnings()
+            for action, category, module in reversed(STARTUP_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _show_warning
+            sys.argv = ["lm", *argv]
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                main(argv)
+            except SystemExit as exit_:
+                code = _exit_status(exit_)
+            except Exception:  # what the interpreter does with an exception nothing caught
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode(errors="backslashreplace")
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        restore_torch()
+        _forget_consoles()
+        _forget_cpu_choices()
+    # As subprocess.run(text=True) reads them: universal newlines.
+    stdout, stderr = (text.replace("\r\n", "\n").replace("\r", "\n") for text in (stdout, stderr))
+    return subprocess.CompletedProcess(["lm", *argv], code, stdout, stderr)
+
+
+def _exit_status(exit_: SystemExit) -> int:
+    if exit_.code is None:
+        return 0
+    if isinstance(exit_.code, int):
+        return exit_.code
+    print(exit_.code, file=sys.stderr)  # sys.exit("message"): the interpreter prints it and exits with 1
+    return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _forget_consoles() -> None:
+    """The next call builds its rich consoles afresh, as a new process would (for the width COLUMNS says)."""
+    render = sys.modules.get("cli.render")
+    if render is not None:
+        render.stdout.cache_clear()
+        render.stderr.cache_clear()
+
+
+def _forget_cpu_choices() -> None:
+    """What this process decided (matmul kernel, Newton-Schulz precision, decoding build) is dropped: the next
+    lookup reads the cache folder, as a new process does."""
+    for module, forget in (("lm.linear", "forget_decisions"), ("lm.optim", "forget_newton_schulz_choices"),
+                           ("lm.cpu_kernels", "forget_decode_marches")):
+        if module in sys.modules:
+            getattr(sys.modules[module], forget)()
+
+
+def _save_torch_state():
+    torch = sys.modules.get("torch")
+    if torch is None:  # nothing to keep: the call may import it, as a process would
+        return lambda: None
+    threads, rng, grad, dtype = (torch.get_num_threads(), torch.random.get_rng_state(), torch.is_grad_enabled(),
+                                 torch.get_default_dtype())
+    precision = torch.get_float32_matmul_precision()
+
+    def restore() -> None:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+        torch.set_grad_enabled(grad)
+        if torch.get_default_dtype() != dtype:
+            torch.set_default_dtype(dtype)
+        if torch.get_float32_matmul_precision() != precision:
+            torch.set_float32_matmul_precision(precision)
+
+    return restore
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:

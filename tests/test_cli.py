@@ -1,4 +1,7 @@
-"""The `lm` executable as users meet it: help, the happy path, and every bad input as one line."""
+"""The `lm` command as users meet it: help, the happy path, and every bad input as one line.
+
+`run_lm` runs it in this process, through the entry point the executable runs; `run_lm_process` runs the
+installed executable itself, for what only a process shows (its help through the entry point, a traceback)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from conftest import SAMPLE, assert_one_line_error, run_lm
+from conftest import SAMPLE, assert_one_line_error, run_lm, run_lm_process
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -19,7 +22,7 @@ runner = CliRunner()
 
 
 def test_help_lists_every_command() -> None:
-    result = run_lm("--help")
+    result = run_lm_process("--help")  # the installed entry point, end to end
     assert result.returncode == 0, result.stderr
     for name in ("train-tokenizer", "tokenize", "corpus"):
         assert name in result.stdout
@@ -127,7 +130,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_through_the_real_executable(case: str, tmp_path: Path) -> None:
+def test_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
     argv, needles = bad_inputs(tmp_path)[case]
     result = run_lm(*argv)
     assert_one_line_error(result, *needles)
@@ -136,7 +139,8 @@ def test_bad_input_is_one_line_through_the_real_executable(case: str, tmp_path: 
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = run_lm("train-tokenizer", tmp_path / "missing.txt", "--debug")
+    # The executable: the exception reaches the interpreter, which prints the traceback.
+    result = run_lm_process("train-tokenizer", tmp_path / "missing.txt", "--debug")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "InputError" in result.stderr
 

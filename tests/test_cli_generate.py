@@ -1,4 +1,5 @@
-"""`lm generate` through the installed executable."""
+"""`lm generate`: in this process through the entry point the executable runs, and once as the installed
+executable itself, its two output streams in one pipe."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def assert_same_text_but_for_a_near_tie(run: Path, prompt: str, new_tokens: int,
     """Greedy texts of `lm generate` by two float code paths (the default one, and --no-kv-cache or
     --compile): the same, or parting only where lm's own two decodings part, at a near tie.
 
-    The executable runs the very operations of the in-process calls below, so these are bit for bit its
+    `lm generate` runs the very operations of the library calls below, so these are bit for bit its
     decodings, with the logits `assert_decodings_agree` needs to tell a near tie from a wrong token."""
     if default == other:
         return

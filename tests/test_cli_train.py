@@ -1,8 +1,10 @@
-"""`lm train` and `lm info` through the installed executable: the happy path, resume, Ctrl-C, bad input."""
+"""`lm train` and `lm info`: the happy path, resume, bad input (in this process), Ctrl-C and SIGTERM (the
+installed executable, a process of its own to signal)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -26,15 +28,16 @@ def train_small(run: Path, *extra: str) -> Path:
     return run
 
 
-@pytest.fixture
-def trained_run(tmp_path: Path) -> Path:
-    return train_small(tmp_path / "run")
-
-
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run that the tests using it only read."""
     return train_small(tmp_path_factory.mktemp("shared") / "run")
+
+
+@pytest.fixture
+def trained_run(shared_run: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run, this test's own to change."""
+    return Path(shutil.copytree(shared_run, tmp_path / "run"))
 
 
 def test_train_then_info_then_resume_for_more_steps(trained_run: Path) -> None:

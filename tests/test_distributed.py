@@ -1,4 +1,7 @@
-"""Training on several processes through torchrun (gloo on the CPU): same numbers as one process."""
+"""Training on several processes through torchrun (gloo on the CPU): same numbers as one process.
+
+`lm train --nproc` runs as the installed executable (`run_lm_process`): it launches torchrun, which starts
+`python -m lm` processes and signals them; a run on one process runs in this one (`run_lm`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed.fsdp as fsdp_module
-from conftest import SAMPLE, assert_one_line_error, run_lm
+from conftest import SAMPLE, assert_one_line_error, run_lm, run_lm_process
 
 SMALL = ["-T", "16", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--vocab-size", "300",
          "--val-fraction", "0.1", "--eval-every", "5", "--log-every", "1", "--sample-tokens", "8",
@@ -24,7 +27,7 @@ def losses(run: Path) -> list[float]:
 
 
 def train(run: Path, *args: str) -> None:
-    result = run_lm("train", *args, "--out", run)
+    result = (run_lm_process if "--nproc" in args else run_lm)("train", *args, "--out", run)
     assert result.returncode == 0, result.stderr
 
 
@@ -44,7 +47,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[floa
 def test_two_processes_follow_one_process(mode: str, one_process: dict[str, list[float]], tmp_path: Path) -> None:
     run = tmp_path / "run"
     # No --optimizer: DDP keeps the preset's Muon, FSDP gives way to AdamW (Muon needs whole matrices).
-    result = run_lm("train", str(SAMPLE), *SMALL, "--max-steps", "15", "--nproc", "2", mode, "--out", run)
+    result = run_lm_process("train", str(SAMPLE), *SMALL, "--max-steps", "15", "--nproc", "2", mode, "--out", run)
     assert result.returncode == 0, result.stderr
     assert ("uses AdamW" in result.stderr) == (mode == "--fsdp")
     two = losses(run)
@@ -63,7 +66,8 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(first: list[str], t
                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(run, str(SAMPLE), *SMALL, "--max-steps", "10", "--optimizer", optimizer, *first)
-    result = run_lm("train", "--out", run, "--resume", "--max-steps", "15", *then)
+    result = (run_lm_process if "--nproc" in then else run_lm)("train", "--out", run, "--resume", "--max-steps", "15",
+                                                               *then)
     assert result.returncode == 0, result.stderr
     assert max(abs(a - b) for a, b in zip(losses(run), one_process[optimizer], strict=True)) <= 1e-5
 

@@ -84,7 +84,7 @@ def test_greedy_generation_matches_lm_generate(exported) -> None:
     _, tokenizer, _ = load_run(run)
     prompt = "MARGERY. Set the"
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(prompt)]
-    # prepared as `lm generate` prepares it: the executable then runs these very operations, bit for bit
+    # prepared as `lm generate` prepares it: the command then runs these very operations, bit for bit
     model = prepare_for_generation(load_run(run)[0])
     ours = assert_greedy_agrees_with_transformers(model, hf, prompt_ids, 50)
     text = tokenizer.decode(list(itertools.takewhile(lambda token: token != tokenizer.eot_id, ours)))

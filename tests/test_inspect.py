@@ -130,7 +130,7 @@ def known_run(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer) -> Path:
     return run
 
 
-def test_heads_summary_and_top_through_the_executable(known_run: Path) -> None:
+def test_heads_summary_and_top_from_the_command_line(known_run: Path) -> None:
     summary = run_lm("inspect-attention", known_run, "--text", "abcdefg", "--heads-summary")
     assert summary.returncode == 0, summary.stderr
     rows = [line.split() for line in summary.stdout.splitlines() if re.match(r" *\d+ +\d+ ", line)]
@@ -191,7 +191,7 @@ def test_bad_input_is_one_line(case: str, known_run: Path) -> None:
     assert_one_line_error(run_lm("inspect-attention", known_run, *args), needle)
 
 
-def test_embeddings_through_the_executable(known_run: Path) -> None:
+def test_embeddings_from_the_command_line(known_run: Path) -> None:
     result = run_lm("inspect-embeddings", known_run, "a", "--top", "3", "--context", "a cat")
     assert result.returncode == 0, result.stderr
     assert "nearest to" in result.stdout and "logit lens" in result.stdout and "block 0" in result.stdout

@@ -75,7 +75,7 @@ def page_document(html: str) -> dict:
 
 @pytest.fixture(scope="module")
 def page(page_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The page of TEXT compared with OTHER, written by the executable."""
+    """The page of TEXT compared with OTHER, written by `lm inspect-attention --save`."""
     path = tmp_path_factory.mktemp("html") / "page.html"
     shown = run_lm("inspect-attention", page_run, "--text", TEXT, "--compare", OTHER, "--save", path)
     assert shown.returncode == 0, shown.stderr
