@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo demo-heads demo-chat test test-avx2 lint bench cpu-matrix gpu-check clean
+.PHONY: help demo demo-heads demo-chat test test-avx2 wheel-check lint bench cpu-matrix gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
@@ -25,6 +25,7 @@ help:
 	@echo "make demo-chat  fine-tune the demo model on conversations from the plays and chat with it"
 	@echo "make test    run the test suite"
 	@echo "make test-avx2  run the numerics-sensitive tests again as on a CPU with AVX2 only (emulated)"
+	@echo "make wheel-check  build the sdist and wheel, install the wheel in an empty venv and run it"
 	@echo "make lint    run ruff"
 	@echo "make bench   run the benchmarks in bench/ and print their tables"
 	@echo "make cpu-matrix  the README's speed ratios on this CPU and an emulated AVX2-only one, one table"
@@ -40,6 +41,8 @@ $(BIN)/python:
 # One stamp per set of extras: .installed-dev, .installed-dev,bench. Re-runs when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	@# (this package was named "lm" before it became lm-from-text: a .venv made then drops the old install)
+	@$(BIN)/python -m pip uninstall --quiet --yes lm 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ".[$*]"
 	@touch $@
 
@@ -95,6 +98,10 @@ test-avx2: $(VENV)/.installed-dev
 	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
 		$(AVX2_ONLY) $(BIN)/python -m pytest $(NUMERICS_TESTS) $(PYTEST_ARGS); \
 	else echo "test-avx2: this CPU has no AVX2 (or no /proc/cpuinfo): nothing to emulate, skipped"; fi
+
+# The sdist and the wheel built, the wheel installed into an empty venv and run from outside the checkout.
+wheel-check: $(VENV)/.installed-dev
+	.ci/wheel_check.sh $(BIN)/python "$(TORCH)"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

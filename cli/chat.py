@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli import generate
+from lm.cli import generate
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -249,6 +249,6 @@ def _notice(text: str) -> None:
 
 
 def _stderr() -> Console:
-    from cli.render import stderr
+    from lm.cli.render import stderr
 
     return stderr()

@@ -25,8 +25,8 @@ def command(
     texts are extracted (no code in it runs): into DIR/train, and DIR/heldout for a few whole texts
     kept back so that models can be scored on text they never saw.
     """
-    from cli.render import byte_progress, human_bytes, stderr, stdout
     from lm.cache import cache_dir
+    from lm.cli.render import byte_progress, human_bytes, stderr, stdout
     from lm.corpus import CORPORA, fetch_corpus
     from lm.errors import UsageError
 

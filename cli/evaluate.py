@@ -47,7 +47,7 @@ def command(
     later one only its last S, so every token after the first window sees at least T - S tokens of
     context. Bits per byte do not depend on the tokenizer, so runs with different vocabularies compare.
     """
-    from cli.render import stderr, stdout, task_progress
+    from lm.cli.render import stderr, stdout, task_progress
     from lm.config import DEVICES, DTYPES
     from lm.errors import UsageError
     from lm.eval import score_run
@@ -100,7 +100,7 @@ def _as_json(results: list[RunScore]) -> dict:
 def _print_tables(results: list[RunScore], stride: int | None) -> None:
     from rich.table import Table
 
-    from cli.render import human_bytes, stdout
+    from lm.cli.render import human_bytes, stdout
 
     first = results[0]
     files = len(first.files)

@@ -28,13 +28,13 @@ def command(
     --format hf writes a folder with config.json, model.safetensors, generation_config.json, tokenizer.json
     and tokenizer_config.json; AutoModelForCausalLM and AutoTokenizer load it offline, with no custom code.
     --format gguf writes one file with the weights, hyper-parameters and tokenizer, for llama.cpp's gpt2
-    or llama architecture (needs the gguf package: pip install 'lm[gguf]').
+    or llama architecture (needs the gguf package: pip install 'lm-from-text[gguf]').
     """
     from lm.errors import UsageError
 
     if output_format not in ("hf", "gguf"):
         raise UsageError(f"--format {output_format!r} is not supported; choose hf or gguf")
-    from cli.render import stdout
+    from lm.cli.render import stdout
 
     if output_format == "gguf":
         from lm.gguf import export_gguf

@@ -147,7 +147,7 @@ def _compiled_decoder(model: GPT, prompt_ids: list[int], sampling: SamplingConfi
                       num_samples: int) -> CompiledDecoder:
     """Compile the decode step and run it once, so that compiling (seconds, once) is not counted as
     generating."""
-    from cli.render import stderr
+    from lm.cli.render import stderr
     from lm.generate import CompiledDecoder, generate_tokens
 
     decoder = CompiledDecoder(model, num_samples)
@@ -171,7 +171,7 @@ def _stderr_joins_stdout() -> bool:
 
 
 def _rule() -> None:
-    from cli.render import stdout
+    from lm.cli.render import stdout
 
     stdout().rule(style="dim")
 
@@ -179,7 +179,7 @@ def _rule() -> None:
 def _print_stats(stats: GenerationStats, dtype: str, quantize: str) -> None:
     from rich.table import Table
 
-    from cli.render import stderr
+    from lm.cli.render import stderr
     from lm.int8 import kernel_name
 
     table = Table.grid(padding=(0, 2))

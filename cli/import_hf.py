@@ -19,7 +19,7 @@ def command(
 
     `lm generate` and `lm inspect-attention` then work on it.
     """
-    from cli.render import stdout
+    from lm.cli.render import stdout
     from lm.hf import import_checkpoint
 
     architecture, config = import_checkpoint(folder, out, force=force)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from rich.table import Table
 
-    from cli.plot import Chart
+    from lm.cli.plot import Chart
     from lm.rundir import LearningCurves
 
 
@@ -29,8 +29,8 @@ def command(
 
     Reads metrics.jsonl as it stands, so it works on a run that is still training.
     """
-    from cli.render import stdout
     from lm import rundir
+    from lm.cli.render import stdout
     from lm.errors import UsageError
 
     if save is not None and save.suffix.lower() != ".svg":
@@ -38,8 +38,8 @@ def command(
     names = _names(run_dirs)
     curves = [rundir.learning_curves(path, name) for path, name in zip(run_dirs, names, strict=True)]
     if save is not None:
-        from cli.plot import svg_charts
         from lm.atomic import atomic_write_text, prepare_output
+        from lm.cli.plot import svg_charts
 
         prepare_output(save, overwrite=True, what="--save")
         atomic_write_text(save, svg_charts(_charts(curves), names))
@@ -51,7 +51,7 @@ def command(
                 stdout().rule()
             _facts(path)
     if save is not None:
-        from cli.render import stderr
+        from lm.cli.render import stderr
 
         stderr().print(f"wrote {save}", soft_wrap=True)
 
@@ -63,7 +63,7 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def _charts(curves: list[LearningCurves]) -> list[Chart]:
-    from cli.plot import Chart, Series, count, duration
+    from lm.cli.plot import Chart, Series, count, duration
 
     def chart(title: str, x_label: str, x: str, y: str, x_format: Callable[[float], str]) -> Chart:
         return Chart(title, x_label, [Series(c.name, getattr(c, x), getattr(c, y)) for c in curves], x_format)
@@ -79,8 +79,8 @@ def _draw(curves: list[LearningCurves], width: int) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from cli.plot import braille_chart, legend
-    from cli.render import stdout
+    from lm.cli.plot import braille_chart, legend
+    from lm.cli.render import stdout
 
     charts = [chart for chart in _charts(curves) if not chart.empty]
     if not charts:
@@ -109,8 +109,8 @@ def _facts(run_dir: Path) -> None:
     from rich.columns import Columns
     from rich.table import Table
 
-    from cli.render import human_bytes, stdout
     from lm import rundir
+    from lm.cli.render import human_bytes, stdout
     from lm.config import to_dict
 
     info = rundir.read_config(run_dir)

@@ -99,8 +99,8 @@ def command(
     model, tokenizer, _ = load_run(run_dir)
     page = save if save is not None and save.suffix.lower() == ".html" else None
     if page is not None:
-        from cli.page import attention_page
         from lm.atomic import atomic_write_text
+        from lm.cli.page import attention_page
         from lm.inspect import inspection_data
 
         # The page carries every layer and head (the model view shows them all); it opens on the chosen ones.
@@ -112,7 +112,7 @@ def command(
     _terminal_view(model, tokenizer, text, layers, heads, span, top=top, heads_summary=heads_summary, compare=compare,
                    output_format=output_format, output=output, save=None if page is not None else save)
     if page is not None:
-        from cli.render import human_bytes, stderr
+        from lm.cli.render import human_bytes, stderr
 
         stderr().print(f"wrote the attention explorer to {page} ({human_bytes(page.stat().st_size)}): open it in a web "
                        f"browser, e.g. file://{page.resolve()}", soft_wrap=True)
@@ -206,13 +206,13 @@ def _span(spec: str | None) -> tuple[int, int | None] | None:
 
 def _width(output: Path | None) -> int:
     """The terminal's width, or a generous one for a file."""
-    from cli.render import stdout
+    from lm.cli.render import stdout
 
     return stdout().width if output is None else OUTPUT_WIDTH
 
 
 def _notice_dropped(dropped: int) -> None:
-    from cli.render import stderr
+    from lm.cli.render import stderr
 
     if dropped:
         stderr().print(f"note: the text is longer than the model's context; its first {dropped} tokens are "
@@ -226,7 +226,7 @@ def _show(renderables: list[RenderableType], output: Path | None, save: Path | N
     """Print to the terminal (or `output` as plain text), and export to `save` if asked."""
     from rich.console import Console
 
-    from cli.render import stdout
+    from lm.cli.render import stdout
 
     console: Console = stdout() if output is None else Console(file=io.StringIO(), width=OUTPUT_WIDTH, record=True)
     console.record = True

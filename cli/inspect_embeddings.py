@@ -34,8 +34,8 @@ def command(
     if context is not None and not context:
         raise UsageError("--context is empty; give a text that contains the word")
 
-    from cli.render import stdout
     from lm.checkpoint import load_run
+    from lm.cli.render import stdout
     from lm.inspect import logit_lens, nearest_tokens, resolve_token
     from lm.tokenizer import visible_text
 

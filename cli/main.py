@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import (
+from lm.cli import (
     chat,
     corpus,
     evaluate,
@@ -23,7 +23,7 @@ from cli import (
     train,
     train_tokenizer,
 )
-from cli.help_panels import GroupedHelpCommand
+from lm.cli.help_panels import GroupedHelpCommand
 
 app = typer.Typer(
     name="lm",

@@ -25,7 +25,7 @@ PACKING = "uint8 = round(100 x weight), row by row (query 0..n-1, keys 0..query)
 def attention_page(data: dict[str, Any], *, layer: int, head: int | None, view: str = "head") -> str:
     """The page for `data` (as `inspection_data` returns it, every layer and head), opening on `view`
     ("head", "model" or "gravity") at `layer` and `head` (None: the mean of the heads)."""
-    assets = resources.files("cli") / "assets"
+    assets = resources.files("lm.cli") / "assets"
     page = dict(data, opening={"layer": layer, "head": "mean" if head is None else head, "view": view})
     page = pack_weights(page)
     if "compare" in page:

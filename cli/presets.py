@@ -15,7 +15,7 @@ def command(
     import torch
     from rich.table import Table
 
-    from cli.render import stdout
+    from lm.cli.render import stdout
     from lm.config import PRESETS, with_overrides
     from lm.model import GPT
 

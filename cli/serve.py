@@ -13,9 +13,9 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-    from cli.openai_api import ServedRun
+    from lm.cli.openai_api import ServedRun
 
-SERVE_INSTALL = "pip install 'lm[serve]'"
+SERVE_INSTALL = "pip install 'lm-from-text[serve]'"
 SERVER_PACKAGES = ("starlette", "uvicorn")
 LIMITS = "Load"
 
@@ -77,8 +77,8 @@ def command(
     require_server_packages()
     import uvicorn
 
-    from cli.openai_api import create_app
-    from cli.render import stderr
+    from lm.cli.openai_api import create_app
+    from lm.cli.render import stderr
     from lm.device import resolve_device
 
     runs = load_runs(run_dirs, resolve_device(device), dtype, max_batch, max_queue)
@@ -108,9 +108,9 @@ def require_server_packages() -> None:
 def load_runs(run_dirs: list[Path], device: torch.device, dtype: str, max_batch: int,
               max_queue: int) -> list[ServedRun]:
     """Each run's model (prepared for decoding on `device`), tokenizer, chat format and scheduler."""
-    from cli.openai_api import ServedRun
     from lm.chat import chat_token_ids, load_chat_format
     from lm.checkpoint import load_run
+    from lm.cli.openai_api import ServedRun
     from lm.device import resolve_dtype
     from lm.errors import UsageError
     from lm.model import use_decoding_layout

@@ -27,7 +27,7 @@ def command(
     from rich.table import Table
     from rich.text import Text
 
-    from cli.render import stdout
+    from lm.cli.render import stdout
     from lm.errors import InputError
     from lm.tokenizer import Tokenizer, enclosing_characters, visible_text
 

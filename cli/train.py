@@ -174,7 +174,7 @@ def command(
     show no default take the preset's (`lm presets` lists them). Ctrl-C saves a checkpoint; --resume
     continues exactly where it stopped.
     """
-    from cli.render import stderr
+    from lm.cli.render import stderr
 
     model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
                        "context_length": context_length, "pos_encoding": pos_encoding, "norm": norm, "mlp": mlp,
@@ -331,8 +331,8 @@ def _check_run_dir(plan: RunPlan) -> None:
 def _train(plan: RunPlan) -> TrainOutcome:
     """Prepare the text, build the trainer and run it with a progress display, in each process of the run."""
     # Only now the heavy imports (torch): the checks above answer at once.
-    from cli.render import stderr
     from lm import distributed, rundir
+    from lm.cli.render import stderr
     from lm.device import resolve_device, resolve_dtype
 
     torch_device = resolve_device(plan.train.device)
@@ -621,7 +621,7 @@ def _shared_corpus(context: Distributed, sources: TextFiles, tok: Tokenizer, con
 def _describe_validation(console: Console, record: dict[str, Any], *, val_given: bool, tokenizer: Path | None,
                          train_paths: list[str]) -> None:
     """Say what the run validates on, and when its figures could flatter it."""
-    from cli.render import human_bytes
+    from lm.cli.render import human_bytes
 
     size = f"{human_bytes(record['text_bytes'])} in {record['files']:,} file{'s' if record['files'] != 1 else ''}"
     if val_given:
@@ -637,7 +637,7 @@ def _describe_validation(console: Console, record: dict[str, Any], *, val_given:
 
 
 def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
-    from cli.render import byte_progress
+    from lm.cli.render import byte_progress
     from lm.tokenizer import TokenizerConfig, train_tokenizer
 
     config = TokenizerConfig(vocab_size=vocab_size)
@@ -651,7 +651,7 @@ def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> T
 
 
 def _tokenize(sources: TextFiles, tok: Tokenizer, console: Console, what: str = "Corpus") -> TokenCorpus:
-    from cli.render import byte_progress, human_bytes
+    from lm.cli.render import byte_progress, human_bytes
     from lm.data import tokenize_corpus
 
     with byte_progress(console) as progress:
@@ -762,7 +762,7 @@ def _print_evaluation(console: Console, step: int, elapsed: float, evaluation: E
 
 
 def _describe_end(outcome: TrainOutcome, out: Path) -> None:
-    from cli.render import stderr, stdout
+    from lm.cli.render import stderr, stdout
 
     of = f" of {outcome.max_steps:,}" if outcome.max_steps else ""
     if outcome.status == "already-done":

@@ -40,8 +40,8 @@ def command(
 
     Uses the GPT-4 split pattern and writes a standard Hugging Face tokenizer.json.
     """
-    from cli.render import byte_progress, stdout
     from lm.atomic import prepare_output
+    from lm.cli.render import byte_progress, stdout
     from lm.textfiles import find_text_files
     from lm.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -65,7 +65,7 @@ def _summary(report: TokenizerReport, out: Path) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    from cli.render import human_bytes
+    from lm.cli.render import human_bytes
     from lm.tokenizer import BYTE_ALPHABET_SIZE, HELD_OUT_EVERY, visible_text
 
     grid = Table.grid(padding=(0, 2))

@@ -1,5 +1,5 @@
 """`python -m lm ...` runs the `lm` command (torchrun starts training processes this way)."""
 
-from cli.main import main
+from lm.cli.main import main
 
 main()

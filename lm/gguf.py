@@ -61,7 +61,7 @@ from lm.hf import family
 from lm.tokenizer import SPLIT_PATTERN, Tokenizer
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-INSTALL = "pip install 'lm[gguf]' (or pip install gguf)"
+INSTALL = "pip install 'lm-from-text[gguf]' (or pip install gguf)"
 # llama.cpp's names for lm's split pattern (merges always applied) and for GPT-2's own byte-level split.
 PRE_TOKENIZER_CL100K = "dbrx"
 PRE_TOKENIZER_GPT2 = "gpt-2"

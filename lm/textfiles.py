@@ -7,7 +7,7 @@ ones left out) or a glob pattern. The format follows the file's name:
 - `.txt.gz` (any `.gz` but the JSON Lines ones): the same, gzip-compressed;
 - `.jsonl`, `.json`, `.ndjson` (and the same with `.gz`): JSON Lines, one object per line, each
   record's text field (`--text-field`, default `text`) one document;
-- `.parquet`: each row's text column one document (needs pyarrow: `pip install 'lm[parquet]'`).
+- `.parquet`: each row's text column one document (needs pyarrow: `pip install 'lm-from-text[parquet]'`).
 
 Training, tokenizer training, encoding and scoring all read through `iter_pieces`, so a JSON Lines
 record is read exactly as a text file holding its text would be, and each document is followed by
@@ -49,7 +49,7 @@ TEXT_FIELD = "text"
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar", ".bz2", ".xz", ".zst", ".7z")
 PARQUET_BATCH_ROWS = 1024
-PARQUET_INSTALL = "pip install 'lm[parquet]'"
+PARQUET_INSTALL = "pip install 'lm-from-text[parquet]'"
 
 # Formats: how a file holds documents. Only TEXT and JSONL can be entered at a byte offset; the others
 # are addressed by record (line of the decompressed stream, or Parquet row) when a part of one is needed.

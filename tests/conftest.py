@@ -103,7 +103,7 @@ def run_lm(*args: str | Path, cwd: Path | None = None, stdin: str | None = None,
     """Run `lm` in this process and capture what it prints: what `run_lm_process` gives, without starting
     Python and importing torch for each call.
 
-    The very entry point the executable runs (cli.main.main: its one-line errors and exit codes), with
+    The very entry point the executable runs (lm.cli.main.main: its one-line errors and exit codes), with
     standard input, output and error of its own, `sys.argv`, the working folder and the environment as the
     process would have them, warnings shown on standard error as a fresh interpreter shows them, and an
     uncaught exception printed as a traceback with exit code 1. Like a new process it knows no CPU choice
@@ -114,7 +114,7 @@ def run_lm(*args: str | Path, cwd: Path | None = None, stdin: str | None = None,
     from typer._click import formatting
     from typer.testing import CliRunner
 
-    from cli.main import main
+    from lm.cli.main import main
 
     argv = [str(arg) for arg in args]
     saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
@@ -172,7 +172,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _forget_consoles() -> None:
     """The next call builds its rich consoles afresh, as a new process would (for the width COLUMNS says)."""
-    render = sys.modules.get("cli.render")
+    render = sys.modules.get("lm.cli.render")
     if render is not None:
         render.stdout.cache_clear()
         render.stderr.cache_clear()

@@ -16,7 +16,6 @@ from conftest import SAMPLE, write_run
 from typer.testing import CliRunner
 
 import lm.chat_session
-from cli.main import main
 from lm import rundir
 from lm.chat import (
     ChatFormat,
@@ -31,6 +30,7 @@ from lm.chat import (
 )
 from lm.chat_session import CHAT_FORMAT_FILE, ChatSession, ContextTrimmed, TurnStats, chat_format_of
 from lm.checkpoint import load_run, model_state_dict, save_checkpoint
+from lm.cli.main import main
 from lm.config import ModelConfig, TrainConfig
 from lm.errors import InputError
 from lm.generate import prepare_for_generation
@@ -425,7 +425,7 @@ def test_lm_chat_errors_over_a_pipe_end_the_run_in_one_line(chat_run: Path, load
 
 def test_lm_chat_in_a_terminal_reports_a_problem_and_goes_on(chat_run: Path, loaded, scripted,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import cli.chat
+    import lm.cli.chat
 
     typed = iter(["Hello.", "/save", "/nonsense", "How fares the night?"])
 
@@ -435,7 +435,7 @@ def test_lm_chat_in_a_terminal_reports_a_problem_and_goes_on(chat_run: Path, loa
             raise EOFError  # Ctrl-D
         return line
 
-    monkeypatch.setattr(cli.chat, "_stdin_is_a_terminal", lambda: True)
+    monkeypatch.setattr(lm.cli.chat, "_stdin_is_a_terminal", lambda: True)
     monkeypatch.setattr("builtins.input", fake_input)
     words = word_ids(loaded[1], 3)
     scripted([*words, chat_token_ids(loaded[1]).end])

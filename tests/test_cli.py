@@ -15,7 +15,7 @@ import tokenizers
 from conftest import SAMPLE, assert_one_line_error, run_lm, run_lm_process
 from typer.testing import CliRunner
 
-from cli.main import app
+from lm.cli.main import app
 from lm.tokenizer import visible_text
 
 runner = CliRunner()
@@ -43,7 +43,7 @@ def test_these_commands_never_import_torch(argv: list[str], tmp_path: Path, samp
     probe = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('TORCH LOADED' if 'torch' in sys.modules else 'no torch', file=sys.stderr))\n"
-        "from cli.main import main\n"
+        "from lm.cli.main import main\n"
         f"main({argv!r})\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -191,3 +191,21 @@ def test_tokenize_reads_standard_input(sample_tokenizer, tmp_path: Path) -> None
     result = run_lm("tokenize", tmp_path / "tokenizer.json", "-", stdin="lamp light\n")
     assert result.returncode == 0, result.stderr
     assert "↵" in result.stdout and "light" in result.stdout
+
+
+def test_a_source_tree_imported_by_path_finds_lm_cli(tmp_path: Path) -> None:
+    """`make gpu-check VENV=` imports the checkout through PYTHONPATH, with nothing installed: lm/__init__.py
+    must find the front end in cli/ (installed, it is lm/cli). The install's own finders are set aside."""
+    from tests.conftest import ROOT
+
+    probe = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import lm.cli.main\n"
+        "from importlib import resources\n"
+        "print(lm.cli.main.__file__, (resources.files('lm.cli') / 'assets' / 'attention.html').is_file())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(ROOT / "cli" / "main.py"), "True"]

@@ -106,7 +106,7 @@ def test_every_process_of_a_run_takes_the_first_ones_precisions(measuring, monke
 
 
 def test_the_start_up_line_says_what_was_chosen_and_how() -> None:
-    from cli.train import _describe_cpu
+    from lm.cli.train import _describe_cpu
     from lm.train import CpuChoices
 
     line = _describe_cpu(CpuChoices("AMD EPYC", "AVX2", 2, {"2048x128x384": "onednn", "2048x128x8192": "default"},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from cli.main import app
+from lm.cli.main import app
 
 REPO = Path(__file__).resolve().parent.parent
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]

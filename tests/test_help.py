@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.main import app
+from lm.cli.main import app
 
 TRAIN_PANELS = ["Run", "Data", "Model", "Optimizer and schedule", "Evaluation and logging", "Hardware"]
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]

@@ -9,8 +9,8 @@ from xml.etree import ElementTree
 import pytest
 from conftest import assert_one_line_error, run_lm
 
-from cli.plot import Chart, Series, braille_chart, count
 from lm import rundir
+from lm.cli.plot import Chart, Series, braille_chart, count
 from lm.config import ModelConfig, TrainConfig
 
 

@@ -11,9 +11,9 @@ import torch
 from conftest import assert_one_line_error, run_lm
 from safetensors.torch import save_file
 
-from cli.inspect_attention import _grid, _summary_table
 from lm import rundir
 from lm.checkpoint import load_run, model_state_dict
+from lm.cli.inspect_attention import _grid, _summary_table
 from lm.config import ModelConfig, TrainConfig
 from lm.inspect import (
     attention_maps,
@@ -255,7 +255,7 @@ def rendered(renderables: list, width: int) -> str:
 
 def test_many_heads_wrap_into_blocks(byte_tokenizer) -> None:
 
-    from cli.inspect_attention import _grid
+    from lm.cli.inspect_attention import _grid
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=byte_tokenizer.vocab_size, context_length=16, n_layer=2, n_head=32,

@@ -21,9 +21,9 @@ from browser import Browser, find_chromium
 from conftest import run_lm
 from safetensors.torch import save_file
 
-from cli.page import WEIGHT_STEPS, attention_page
 from lm import rundir
 from lm.checkpoint import model_state_dict
+from lm.cli.page import WEIGHT_STEPS, attention_page
 from lm.config import ModelConfig, TrainConfig
 from lm.inspect import inspection_data
 from lm.model import GPT

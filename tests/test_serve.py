@@ -49,8 +49,8 @@ try:  # the official client and the `serve` extra, in `dev`: without them the se
     import openai
     import uvicorn
 
-    from cli.openai_api import ServedRun, create_app
-    from cli.serve import load_runs
+    from lm.cli.openai_api import ServedRun, create_app
+    from lm.cli.serve import load_runs
 except ImportError:
     openai = uvicorn = None
 needs_server = pytest.mark.skipif(openai is None, reason="needs the serve extra and openai: pip install -e '.[dev]'")
@@ -624,7 +624,7 @@ def test_each_request_is_logged_on_one_line(server: Server, caplog) -> None:
 def test_help_says_what_binding_every_address_exposes() -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from lm.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
@@ -636,13 +636,13 @@ def test_help_says_what_binding_every_address_exposes() -> None:
 def test_without_the_serve_extra_the_command_says_how_to_install_it(runs: Runs, monkeypatch, capsys) -> None:
     import importlib.util
 
-    import cli.serve
-    from cli.main import main
+    import lm.cli.serve
+    from lm.cli.main import main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(cli.serve.importlib.util, "find_spec",
+    monkeypatch.setattr(lm.cli.serve.importlib.util, "find_spec",
                         lambda name, *args: None if name == "uvicorn" else real(name, *args))
     with pytest.raises(SystemExit) as exited:
         main(["serve", str(runs.chat)])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: lm serve needs uvicorn; install with: pip install 'lm[serve]'"
+    assert capsys.readouterr().err.strip() == "error: lm serve needs uvicorn; install with: pip install 'lm-from-text[serve]'"
