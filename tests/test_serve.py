@@ -645,4 +645,5 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(runs: Runs, 
     with pytest.raises(SystemExit) as exited:
         main(["serve", str(runs.chat)])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: lm serve needs uvicorn; install with: pip install 'lm-from-text[serve]'"
+    assert capsys.readouterr().err.strip() == ("error: lm serve needs uvicorn; install with: "
+                                               "pip install 'lm-from-text[serve]'")
