@@ -15,7 +15,8 @@ For a GPT-2-family and a Llama-family run:
 
 llama.cpp is built once from the sources inside the llama-cpp-python 0.3.36 source distribution (the
 package index's copy; CMake and a C++ compiler needed: `apt-get install cmake g++`) and cached in
-$LM_CACHE_DIR/llama.cpp/0.3.36 (about 7 minutes on 2 cores, the first time only).
+$LM_CACHE_DIR/llama.cpp/0.3.36 (about 7 minutes on 2 cores, the first time only). bench/serve.py adds
+`llama-server` to the same build folder (only what it lacks is compiled).
 
     python bench/llama_cpp.py [--rounds 5] [--threads N] [--skip-speed]
 """
@@ -54,6 +55,7 @@ from lm.tokenizer import Tokenizer
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_PYTHON = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
 TARGETS = ("llama-simple", "llama-bench", "llama-tokenize")
+SERVER = "llama-server"  # bench/serve.py's; the configuration enables it, a build compiles it when asked
 LM = str(Path(sys.executable).parent / "lm")
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_FLAGS = {family: design_flags(design) for family, design in FAMILY_DESIGNS.items()}
@@ -68,13 +70,18 @@ console = Console(width=130)
 # building llama.cpp -------------------------------------------------------------------------------
 
 
-def build_llama_cpp(root: Path) -> Path:
-    """The folder holding llama.cpp's binaries, built from llama-cpp-python's sdist on the first call."""
+def build_llama_cpp(root: Path, targets: tuple[str, ...] = TARGETS) -> Path:
+    """The folder holding llama.cpp's binaries, built from llama-cpp-python's sdist on the first call.
+
+    `targets` are the binaries wanted; those missing from the build folder are built in it (the
+    ones there already are kept, and what they share is not compiled again).
+    """
     # With LM_CPU_MARCH=x86-64-v3 (lm's kernels built for AVX2 CPUs), llama.cpp is built for the same ones.
     avx2_only = os.environ.get(MARCH_ENV, "").strip() == "x86-64-v3"
     build = root / ("build-x86-64-v3" if avx2_only else "build")
     bin_dir = build / "bin"
-    if all((bin_dir / target).is_file() for target in TARGETS):
+    missing_targets = [target for target in targets if not (bin_dir / target).is_file()]
+    if not missing_targets:
         return bin_dir
     missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
     if missing:
@@ -94,13 +101,15 @@ def build_llama_cpp(root: Path) -> Path:
         shutil.rmtree(source, ignore_errors=True)
         os.replace(next(staging.glob("*/vendor/llama.cpp")), source)
         shutil.rmtree(staging)
-    console.print("Building llama.cpp (about 7 minutes on 2 cores, once) ...")
+    console.print(f"Building {', '.join(missing_targets)} of llama.cpp (several minutes on 2 cores, once) ...")
     isa = (["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
            if avx2_only else ["-DGGML_NATIVE=ON"])
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *isa,
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    # The server, without its web page (no npm build, no download of a prebuilt one).
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *missing_targets],
                    check=True, stdout=subprocess.DEVNULL)
     return bin_dir
 
