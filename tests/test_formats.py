@@ -140,7 +140,7 @@ def test_files_that_are_not_what_their_names_say(tmp_path: Path, monkeypatch) ->
     (tmp_path / "sub").mkdir()
     good = write_formats(tmp_path / "sub", ["x\n"])
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
-    with pytest.raises(InputError, match="pip install 'lm\\[parquet\\]'"):
+    with pytest.raises(InputError, match="pip install 'lm-from-text\\[parquet\\]'"):
         find_text_files([good["parquet"]])
 
 

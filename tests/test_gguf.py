@@ -187,7 +187,7 @@ def test_without_the_gguf_package_the_error_says_how_to_install_it(tmp_path: Pat
                                                                    monkeypatch) -> None:
     good = make_run(tmp_path / "good", sample_tokenizer, **GPT2_SHAPE)
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
-    with pytest.raises(UsageError, match=r"pip install 'lm\[gguf\]'"):
+    with pytest.raises(UsageError, match=r"pip install 'lm-from-text\[gguf\]'"):
         export_gguf(good, tmp_path / "x.gguf")
 
 
