@@ -1,0 +1,393 @@
+"""Which heads matter: causal tests on attention heads (ablation, detectors, direct logit attribution).
+
+`lm.inspect` shows where heads look; this module asks what they do for the prediction.
+
+- Ablation: a head's output (its d_head slice of the attention output, before the output projection)
+  is replaced by its mean over the text's positions in the clean run ("mean", as TransformerLens's
+  mean ablation) or by zeros ("zero"), and the change in the mean loss per predicted token is measured.
+  Positive: the model predicts the text worse without the head (the head helps); negative: better.
+  Heads are edited through a forward pre-hook on each attention's output projection, so the model's
+  own code paths are untouched and nothing changes when no ablation is active.
+- Detectors, with TransformerLens's `head_detector` definitions ("mul" error measure, no exclusions):
+  a head's score is the share of its attention that falls where a detection pattern is 1.
+  previous-token: key i-1 of query i; duplicate-token: earlier keys holding the query's own token;
+  induction: the key after such an earlier occurrence. Previous- and duplicate-token are measured on
+  the text, induction on <|endoftext|> then INDUCTION_LENGTH random ordinary tokens (seed
+  INDUCTION_SEED) repeated twice, as TransformerLens and the ARENA exercises do.
+- Direct logit attribution: the final residual stream at one position is a sum of parts (token
+  embedding, position embedding, each head through its slice of the output projection, each
+  attention's output bias, each MLP); each part is passed through the final norm with the norm's
+  scale frozen at the full residual's value (TransformerLens's `apply_ln_to_stack`: parts centred for
+  LayerNorm, divided by the full stream's scale, times the norm's weight) and dotted with the target
+  token's output row. The norm's bias gives one more constant part; the parts sum to the logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lm.data import token_byte_lengths
+from lm.errors import InputError, UsageError
+from lm.inspect import check_head, check_layer, encode_for_inspection
+from lm.model import GPT
+from lm.tokenizer import Tokenizer
+
+ABLATIONS = ("mean", "zero")
+INDUCTION_LENGTH = 50  # random tokens in each copy (fewer when the context is shorter)
+INDUCTION_SEED = 0
+DETECTORS = ("previous_token", "duplicate_token", "induction")
+
+# A head edit: given one layer's heads' outputs (batch, time, heads, d_head), return them edited.
+HeadEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def edited_heads(model: GPT, edits: dict[int, HeadEdit]) -> Iterator[None]:
+    """Within the block, layer l's heads' outputs pass through `edits[l]` before the output projection."""
+    def pre_hook(edit: HeadEdit) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor]]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+            (y,) = args
+            batch, time, width = y.shape
+            heads = model.config.n_head
+            return (edit(y.view(batch, time, heads, width // heads)).reshape(batch, time, width),)
+        return hook
+
+    handles = [model.blocks[layer].attn.proj.register_forward_pre_hook(pre_hook(edit)) for layer, edit in edits.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def parse_heads(spec: str, model: GPT) -> list[tuple[int, int]]:
+    """'1.3,2.0' -> [(1, 3), (2, 0)]: heads as LAYER.HEAD, comma-separated."""
+    heads = []
+    for item in spec.split(","):
+        layer, dot, head = item.strip().partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise UsageError(f"--ablate {spec!r}: give heads as LAYER.HEAD separated by commas, e.g. 1.3,2.0")
+        heads.append((check_layer(model, int(layer)), check_head(model, int(head))))
+    return heads
+
+
+# Ablation -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenEffect:
+    position: int  # the position of the predicted token
+    increase: float  # nats its loss rose by when the head was ablated
+
+
+@dataclass
+class HeadAblation:
+    layer: int
+    head: int
+    nats: float  # change in mean loss per predicted token
+    bits_per_byte: float
+    helped: list[TokenEffect] = field(default_factory=list)  # the tokens it helps most, most first
+
+
+@dataclass
+class Ablation:
+    ids: list[int]
+    tokens: list[bytes]
+    dropped: int
+    mode: str
+    loss: float  # clean mean loss per predicted token, nats
+    bits_per_byte: float
+    heads: list[list[HeadAblation]]  # per layer, per head
+    joint: HeadAblation | None = None  # the heads of --ablate together (layer, head = -1)
+    joint_heads: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _token_losses(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each predicted token, (batch, time - 1), for ids (batch, time)."""
+    logits, _ = model(ids)
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def head_means(model: GPT, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each layer's heads' outputs averaged over the positions of one clean run: (heads, d_head)."""
+    means: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int) -> HeadEdit:
+        def record(y: torch.Tensor) -> torch.Tensor:
+            means[layer] = y[0].mean(dim=0)
+            return y
+        return record
+
+    with edited_heads(model, {layer: recorder(layer) for layer in range(model.config.n_layer)}):
+        model(ids)
+    return means
+
+
+def replace_heads(mask: torch.Tensor, replacement: torch.Tensor) -> HeadEdit:
+    """An edit putting `replacement` (heads, d_head) where `mask` (batch, heads) is True, in every position."""
+    def edit(y: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask[:, None, :, None], replacement[None, None].to(y.dtype), y)
+    return edit
+
+
+def _replacements(model: GPT, ids: torch.Tensor, mode: str) -> dict[int, torch.Tensor]:
+    if mode not in ABLATIONS:
+        raise UsageError(f"--ablation {mode!r} is not one of: {', '.join(ABLATIONS)}")
+    if mode == "mean":
+        return head_means(model, ids)
+    return {layer: torch.zeros(model.config.n_head, model.config.d_head, device=ids.device)
+            for layer in range(model.config.n_layer)}
+
+
+def ablated_losses(model: GPT, ids: torch.Tensor, masks: dict[int, torch.Tensor],
+                   replacements: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Per-token losses (batch, time - 1) of `ids` (1, time) run once per mask row, each row with the heads
+    its masks (layer -> (batch, heads) bools) mark replaced by `replacements`."""
+    batch = next(iter(masks.values())).size(0)
+    edits = {layer: replace_heads(mask, replacements[layer]) for layer, mask in masks.items()}
+    with edited_heads(model, edits):
+        return _token_losses(model, ids.expand(batch, -1))
+
+
+@torch.inference_mode()
+def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean",
+                 joint: list[tuple[int, int]] | None = None, top_tokens: int = 3) -> Ablation:
+    """The change in loss on `text` when each head (and, with `joint`, those heads together) is ablated."""
+    ids_list, dropped = encode_for_inspection(model, tokenizer, text)
+    if len(ids_list) < 2:
+        raise InputError("the text is too short: ablation needs at least one token to predict")
+    device = next(model.parameters()).device
+    ids = torch.tensor([ids_list], device=device)
+    replacements = _replacements(model, ids, mode)
+    clean = _token_losses(model, ids)[0].float().cpu()
+    byte_counts = token_byte_lengths(tokenizer)[ids_list[1:]].float()
+    # Bits per byte counts the tokens that spell text (special tokens have no bytes), as lm.eval does.
+    text_tokens = byte_counts > 0
+    total_bytes = byte_counts.sum().item()
+
+    def measured(layer: int, head: int, losses: torch.Tensor) -> HeadAblation:
+        increase = losses - clean
+        bpb = (increase[text_tokens].sum().item() / (math.log(2) * total_bytes)) if total_bytes else float("nan")
+        order = torch.argsort(increase, descending=True)[:top_tokens].tolist()
+        helped = [TokenEffect(position + 1, increase[position].item()) for position in order if increase[position] > 0]
+        return HeadAblation(layer, head, increase.mean().item(), bpb, helped)
+
+    heads = model.config.n_head
+    table = []
+    for layer in range(model.config.n_layer):
+        one_each = torch.eye(heads, dtype=torch.bool, device=device)  # row h ablates head h
+        losses = ablated_losses(model, ids, {layer: one_each}, replacements).float().cpu()
+        table.append([measured(layer, head, losses[head]) for head in range(heads)])
+    result = Ablation(ids_list, [tokenizer.token_bytes(i) for i in ids_list], dropped, mode, clean.mean().item(),
+                      _bits_per_byte(clean, byte_counts), table)
+    if joint:
+        masks: dict[int, torch.Tensor] = {}
+        for layer, head in joint:
+            masks.setdefault(layer, torch.zeros(1, heads, dtype=torch.bool, device=device))[0, head] = True
+        result.joint = measured(-1, -1, ablated_losses(model, ids, masks, replacements)[0].float().cpu())
+        result.joint_heads = list(joint)
+    return result
+
+
+def _bits_per_byte(losses: torch.Tensor, byte_counts: torch.Tensor) -> float:
+    total_bytes = byte_counts.sum().item()
+    return losses[byte_counts > 0].sum().item() / (math.log(2) * total_bytes) if total_bytes else float("nan")
+
+
+def most_important(ablation: Ablation, count: int) -> list[HeadAblation]:
+    """The `count` heads whose ablation raises the loss most, most first."""
+    every = [head for layer in ablation.heads for head in layer]
+    return sorted(every, key=lambda head: head.nats, reverse=True)[:count]
+
+
+# Detectors ----------------------------------------------------------------------------------------
+
+
+def previous_token_pattern(time: int) -> torch.Tensor:
+    """1 at key i-1 of query i."""
+    return torch.eye(time).roll(-1, dims=1).tril(-1) if time > 1 else torch.zeros(1, 1)
+
+
+def duplicate_token_pattern(ids: list[int]) -> torch.Tensor:
+    """1 at every earlier key holding query i's own token (the token itself excluded)."""
+    tokens = torch.tensor(ids)
+    return (tokens[:, None] == tokens[None, :]).float().tril(-1)
+
+
+def induction_pattern(ids: list[int]) -> torch.Tensor:
+    """1 at the key just after each earlier occurrence of query i's token (the duplicate pattern shifted
+    one key to the right, nothing wrapped around into key 0)."""
+    duplicate = duplicate_token_pattern(ids)
+    shifted = torch.zeros_like(duplicate)
+    shifted[:, 1:] = duplicate[:, :-1]
+    return shifted.tril()
+
+
+def detector_scores(weights: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Each head's share of attention on the pattern: sum(weights x pattern) / sum(weights), for one layer's
+    weights (heads, time, time); TransformerLens's "mul" measure."""
+    return (weights * pattern).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
+
+
+def repeated_random_ids(model: GPT, tokenizer: Tokenizer, seed: int = INDUCTION_SEED) -> tuple[list[int], int]:
+    """<|endoftext|> then random ordinary tokens twice over; returns the ids and the length of one copy."""
+    length = min(INDUCTION_LENGTH, (model.config.context_length - 1) // 2)
+    if length < 2:
+        raise InputError("the context is too short to measure induction (it needs 5 tokens or more)")
+    specials = set(tokenizer.special_tokens.values())
+    ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])
+    generator = torch.Generator().manual_seed(seed)
+    sequence = ordinary[torch.randint(len(ordinary), (length,), generator=generator)].tolist()
+    start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    return start + sequence * 2, length
+
+
+@dataclass
+class Detectors:
+    """Scores per layer, per head, 0..1."""
+
+    previous_token: list[list[float]]
+    duplicate_token: list[list[float]]
+    induction: list[list[float]]
+    induction_length: int  # random tokens per copy of the induction sequence
+    induction_seed: int
+
+
+def _all_weights(model: GPT, ids: list[int]) -> dict[int, torch.Tensor]:
+    device = next(model.parameters()).device
+    trace = model.trace(torch.tensor([ids], device=device), set(range(model.config.n_layer)))
+    return {layer: w[0].float().cpu() for layer, w in trace.attention.items()}
+
+
+@torch.inference_mode()
+def detect_heads(model: GPT, tokenizer: Tokenizer, text: str, seed: int = INDUCTION_SEED) -> Detectors:
+    """Previous-token and duplicate-token scores on `text`, induction scores on repeated random tokens."""
+    ids, _ = encode_for_inspection(model, tokenizer, text)
+    weights = _all_weights(model, ids)
+    previous, duplicate = previous_token_pattern(len(ids)), duplicate_token_pattern(ids)
+    repeated, length = repeated_random_ids(model, tokenizer, seed)
+    induction_weights = _all_weights(model, repeated)
+    induction = induction_pattern(repeated)
+    layers = range(model.config.n_layer)
+    return Detectors(
+        previous_token=[detector_scores(weights[layer], previous).tolist() for layer in layers],
+        duplicate_token=[detector_scores(weights[layer], duplicate).tolist() for layer in layers],
+        induction=[detector_scores(induction_weights[layer], induction).tolist() for layer in layers],
+        induction_length=length, induction_seed=seed)
+
+
+# Direct logit attribution -------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    name: str  # "token embedding", "position embedding", "L1.H3", "L1 attention bias", "L1 MLP", "final norm bias"
+    contribution: float
+
+
+@dataclass
+class Attribution:
+    position: int
+    target: int
+    versus: int | None
+    logit: float  # the model's logit of target (minus that of versus)
+    parts: list[Part]
+
+
+def _residual_parts(model: GPT, ids: torch.Tensor,
+                    position: int) -> tuple[list[Part], list[torch.Tensor], torch.Tensor]:
+    """The parts the final residual stream at `position` is the sum of: (names, vectors, the stream)."""
+    heads, d_head = model.config.n_head, model.config.d_head
+    outputs: dict[int, torch.Tensor] = {}
+    mlps: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int) -> HeadEdit:
+        def record(y: torch.Tensor) -> torch.Tensor:
+            outputs[layer] = y[0, position].float()  # (heads, d_head)
+            return y
+        return record
+
+    hooks = [block.mlp.register_forward_hook(
+        lambda module, args, output, layer=layer: mlps.__setitem__(layer, output[0, position].float()))
+        for layer, block in enumerate(model.blocks)]
+    try:
+        with edited_heads(model, {layer: recorder(layer) for layer in range(model.config.n_layer)}):
+            trace = model.trace(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    names = ["token embedding"]
+    vectors = [model.tok_emb.weight[ids[0, position]].float()]
+    if model.config.pos_encoding == "learned":
+        names.append("position embedding")
+        vectors.append(model.pos_emb.weight[position].float())
+    elif model.config.pos_encoding == "sinusoidal":
+        names.append("position embedding")
+        vectors.append(model.pos_table[position].float())
+    for layer, block in enumerate(model.blocks):
+        weight = block.attn.proj.weight.float()  # (d_model, heads x d_head)
+        for head in range(heads):
+            names.append(f"L{layer}.H{head}")
+            vectors.append(weight[:, head * d_head:(head + 1) * d_head] @ outputs[layer][head])
+        if block.attn.proj.bias is not None:
+            names.append(f"L{layer} attention bias")
+            vectors.append(block.attn.proj.bias.float())
+        names.append(f"L{layer} MLP")
+        vectors.append(mlps[layer])
+    return [Part(name, 0.0) for name in names], vectors, trace.hidden[-1][0, position].float()
+
+
+def resolve_position(position: int | None, length: int) -> int:
+    chosen = length - 1 if position is None else position
+    if chosen < 0:
+        chosen += length
+    if not 0 <= chosen < length:
+        raise UsageError(f"--position {position} is outside the text's {length} tokens (0 to {length - 1}, "
+                         "or negative from the end)")
+    return chosen
+
+
+@torch.inference_mode()
+def attribute_logit(model: GPT, tokenizer: Tokenizer, text: str, position: int | None = None,
+                    target: int | None = None, versus: int | None = None) -> Attribution:
+    """Each part's direct contribution to the logit of `target` (default: the predicted token) at
+    `position` (default: the last), or to the logit difference target - `versus`; see the module docstring."""
+    ids_list, _ = encode_for_inspection(model, tokenizer, text)
+    position = resolve_position(position, len(ids_list))
+    ids = torch.tensor([ids_list], device=next(model.parameters()).device)
+    parts, vectors, stream = _residual_parts(model, ids, position)
+    norm = model.norm
+    centred = isinstance(norm, torch.nn.LayerNorm)
+    if centred:
+        stream = stream - stream.mean()
+    eps = norm.eps if norm.eps is not None else torch.finfo(stream.dtype).eps
+    scale = (stream.square().mean() + eps).sqrt()  # frozen at the full residual's value
+    head = model.lm_head.weight.float()
+    if target is None:
+        target = int(torch.argmax(head @ _normed(norm, stream, scale)).item())
+    direction = head[target] - (head[versus] if versus is not None else 0.0)
+    gain = norm.weight.float() if norm.weight is not None else torch.ones_like(stream)
+    for part, vector in zip(parts, vectors, strict=True):
+        if centred:
+            vector = vector - vector.mean()
+        part.contribution = (vector / scale * gain @ direction).item()
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        parts.append(Part("final norm bias", (bias.float() @ direction).item()))
+    logits = model.trace(ids).logits[0, position].float()
+    logit = logits[target] - (logits[versus] if versus is not None else 0.0)
+    return Attribution(position, target, versus, logit.item(), parts)
+
+
+def _normed(norm: torch.nn.Module, centred_stream: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = centred_stream / scale
+    if norm.weight is not None:
+        out = out * norm.weight.float()
+    bias = getattr(norm, "bias", None)
+    return out + bias.float() if bias is not None else out

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SAMPLE, random_weights
+
+from lm.config import ModelConfig
+from lm.heads import (
+    ablate_heads,
+    ablated_losses,
+    attribute_logit,
+    detector_scores,
+    duplicate_token_pattern,
+    edited_heads,
+    head_means,
+    induction_pattern,
+    parse_heads,
+    previous_token_pattern,
+    replace_heads,
+)
+from lm.inspect import encode_for_inspection
+from lm.model import GPT
+
+TEXT = SAMPLE.read_text(encoding="utf-8")[:300]
+
+
+def tiny_model(vocab: int, pos_encoding: str = "learned", norm: str = "layernorm", bias: bool = True) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab, context_length=64, n_layer=2, n_head=4, d_model=32,
+                            pos_encoding=pos_encoding, norm=norm, bias=bias)).eval()
+    random_weights(model, seed=1)
+    return model
+
+
+def text_ids(model: GPT, tokenizer) -> torch.Tensor:
+    ids, _ = encode_for_inspection(model, tokenizer, TEXT)
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_zero_ablating_every_head_of_a_layer_removes_its_attention_output(sample_tokenizer, layer: int) -> None:
+    # Without biases: the output projection's bias stays when every head is zeroed, and is part of the
+    # attention output that removing the layer's attention drops.
+    model = tiny_model(sample_tokenizer.vocab_size, bias=False)
+    ids = text_ids(model, sample_tokenizer)
+    everything = torch.ones(1, model.config.n_head, dtype=torch.bool)
+    zeros = {layer: torch.zeros(model.config.n_head, model.config.d_head)}
+    with torch.no_grad():
+        ablated = ablated_losses(model, ids, {layer: everything}, zeros)
+        # The layer's attention output removed: the block adds nothing from attention.
+        handle = model.blocks[layer].attn.register_forward_hook(
+            lambda module, args, output: (torch.zeros_like(output[0]), output[1]))
+        try:
+            logits, _ = model(ids)
+        finally:
+            handle.remove()
+    removed = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(ablated[0], removed, rtol=1e-5, atol=1e-5)
+
+
+def test_no_head_ablated_is_the_plain_loss(sample_tokenizer) -> None:
+    model = tiny_model(sample_tokenizer.vocab_size)
+    ids = text_ids(model, sample_tokenizer)
+    none = torch.zeros(1, model.config.n_head, dtype=torch.bool)
+    with torch.no_grad():
+        losses = ablated_losses(model, ids, {0: none, 1: none},
+                                {layer: torch.ones(model.config.n_head, model.config.d_head) for layer in (0, 1)})
+        logits, _ = model(ids)
+    plain = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(losses.mean(), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_edit_hook_leaves_the_model_as_it_was(sample_tokenizer) -> None:
+    model = tiny_model(sample_tokenizer.vocab_size)
+    ids = text_ids(model, sample_tokenizer)
+    with torch.no_grad():
+        before, _ = model(ids)
+        with edited_heads(model, {0: lambda y: y * 0}):
+            edited, _ = model(ids)
+        after, _ = model(ids)
+    assert not torch.allclose(before, edited)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert all(not block.attn.proj._forward_pre_hooks for block in model.blocks)
+
+
+def test_a_batch_of_single_head_ablations_matches_one_at_a_time(sample_tokenizer) -> None:
+    model = tiny_model(sample_tokenizer.vocab_size)
+    ids = text_ids(model, sample_tokenizer)
+    result = ablate_heads(model, sample_tokenizer, TEXT, mode="mean", joint=[(1, 2)])
+    with torch.no_grad():
+        means = head_means(model, ids)
+        mask = torch.zeros(1, 4, dtype=torch.bool)
+        mask[0, 2] = True
+        alone = ablated_losses(model, ids, {1: mask}, means)[0]
+        clean = ablated_losses(model, ids, {1: torch.zeros_like(mask)}, means)[0]
+    assert result.heads[1][2].nats == pytest.approx((alone - clean).mean().item(), abs=1e-5)
+    assert result.joint is not None and result.joint.nats == pytest.approx(result.heads[1][2].nats, abs=1e-5)
+    assert result.loss == pytest.approx(clean.mean().item(), abs=1e-5)
+    assert len(result.heads) == 2 and all(len(layer) == 4 for layer in result.heads)
+    for head in (h for layer in result.heads for h in layer):
+        assert all(effect.increase > 0 for effect in head.helped)
+        assert all(1 <= effect.position < len(result.ids) for effect in head.helped)
+
+
+def test_replace_heads_touches_only_the_masked_heads() -> None:
+    y = torch.arange(2 * 3 * 4 * 2, dtype=torch.float32).view(2, 3, 4, 2)  # (batch, time, heads, d_head)
+    mask = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    replacement = torch.full((4, 2), -1.0)
+    edited = replace_heads(mask, replacement)(y)
+    assert (edited[0, :, 0] == -1).all() and (edited[1, :, 3] == -1).all()
+    assert torch.equal(edited[0, :, 1:], y[0, :, 1:]) and torch.equal(edited[1, :, :3], y[1, :, :3])
+
+
+def test_parse_heads(sample_tokenizer) -> None:
+    from lm.errors import UsageError
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    assert parse_heads("1.3, 0.0", model) == [(1, 3), (0, 0)]
+    for bad in ("1", "1.x", "2.0", "0.4", ""):
+        with pytest.raises(UsageError):
+            parse_heads(bad, model)
+
+
+# Detectors ----------------------------------------------------------------------------------------
+
+
+def test_detector_patterns_follow_transformer_lens() -> None:
+    ids = [0, 5, 6, 5, 6]
+    assert previous_token_pattern(4).tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+    duplicate = duplicate_token_pattern(ids)
+    assert duplicate.nonzero().tolist() == [[3, 1], [4, 2]]  # the token itself does not count
+    assert induction_pattern(ids).nonzero().tolist() == [[3, 2], [4, 3]]  # the key after the earlier copy
+
+
+def test_detector_scores_on_a_hand_built_pattern() -> None:
+    ids = [0, 5, 6, 5, 6]
+    time = len(ids)
+    previous = torch.eye(time).roll(-1, dims=1).tril(-1)
+    previous[0, 0] = 1.0  # row 0 can only look at itself
+    uniform = torch.ones(time, time).tril()
+    uniform = uniform / uniform.sum(dim=-1, keepdim=True)
+    weights = torch.stack([previous, uniform])
+    # Definition: sum(attention x pattern) / sum(attention), where sum(attention) = rows = 5.
+    scores = detector_scores(weights, previous_token_pattern(time))
+    assert scores.tolist() == pytest.approx([4 / 5, (1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 5])
+    assert detector_scores(weights, duplicate_token_pattern(ids)).tolist() == pytest.approx(
+        [0.0, (1 / 4 + 1 / 5) / 5])
+    # The previous-token head attends to key 2 from query 3 and key 3 from query 4: both are induction targets.
+    assert detector_scores(weights, induction_pattern(ids)).tolist() == pytest.approx([2 / 5, (1 / 4 + 1 / 5) / 5])
+
+
+def test_detect_heads_shapes(sample_tokenizer) -> None:
+    from lm.heads import detect_heads
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    found = detect_heads(model, sample_tokenizer, TEXT)
+    for scores in (found.previous_token, found.duplicate_token, found.induction):
+        assert len(scores) == 2 and all(len(layer) == 4 for layer in scores)
+        assert all(0 <= value <= 1 + 1e-6 for layer in scores for value in layer)
+    assert found.induction_length == 31 and found.induction_seed == 0  # (64 - 1) // 2 in a 64-token context
+
+
+# Direct logit attribution -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pos_encoding", "norm", "bias"), [
+    ("learned", "layernorm", True), ("rope", "rmsnorm", False), ("sinusoidal", "layernorm", False)])
+def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm: str, bias: bool) -> None:
+    model = tiny_model(sample_tokenizer.vocab_size, pos_encoding, norm, bias)
+    ids = text_ids(model, sample_tokenizer)
+    with torch.no_grad():
+        logits, _ = model(ids)
+    for position, target, versus in ((None, None, None), (5, 7, None), (-2, 100, 200)):
+        result = attribute_logit(model, sample_tokenizer, TEXT, position, target, versus)
+        where = result.position
+        expected = logits[0, where, result.target] - (logits[0, where, versus] if versus is not None else 0)
+        total = sum(part.contribution for part in result.parts)
+        assert total == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+        assert result.logit == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+    predicted = attribute_logit(model, sample_tokenizer, TEXT)
+    assert predicted.target == int(logits[0, -1].argmax())
+    names = [part.name for part in predicted.parts]
+    assert names[0] == "token embedding" and ("position embedding" in names) == (pos_encoding != "rope")
+    assert sum(name.startswith("L1.H") for name in names) == 4 and "L1 MLP" in names
