@@ -17,6 +17,7 @@ from lm.cli import (
     info,
     inspect_attention,
     inspect_embeddings,
+    inspect_heads,
     presets,
     serve,
     tokenize_text,
@@ -43,6 +44,7 @@ app.command("chat")(chat.command)
 app.command("serve")(serve.command)
 app.command("eval")(evaluate.command)
 app.command("inspect-attention")(inspect_attention.command)
+app.command("inspect-heads")(inspect_heads.command)
 app.command("inspect-embeddings")(inspect_embeddings.command)
 app.command("export")(export.command)
 app.command("import")(import_hf.command)

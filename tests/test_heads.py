@@ -182,3 +182,72 @@ def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm
     names = [part.name for part in predicted.parts]
     assert names[0] == "token embedding" and ("position embedding" in names) == (pos_encoding != "rope")
     assert sum(name.startswith("L1.H") for name in names) == 4 and "L1 MLP" in names
+
+
+# The command --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heads_run(tmp_path_factory: pytest.TempPathFactory, sample_tokenizer):
+    from conftest import write_run
+
+    config = ModelConfig(vocab_size=sample_tokenizer.vocab_size, context_length=64, n_layer=2, n_head=4, d_model=32)
+    return write_run(tmp_path_factory.mktemp("heads") / "run", sample_tokenizer, config)
+
+
+def test_cli_table_shows_ablation_detectors_and_attribution(heads_run) -> None:
+    from conftest import run_lm
+
+    result = run_lm("inspect-heads", heads_run, "--text", TEXT, "--ablate", "1.3,0.0", "--top", "3",
+                    env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "mean-ablated" in out and "L1.H3 + L0.H0 ablated together" in out
+    assert "previous-token score" in out and "induction score (31 random tokens repeated, seed 0)" in out
+    assert "direct logit attribution" in out and "token embedding" in out
+    assert max(len(line) for line in out.splitlines() if line.startswith("L1 ")) <= 80
+
+
+def test_cli_json_holds_the_ablation_table_and_the_parts(heads_run) -> None:
+    import json
+
+    from conftest import run_lm
+
+    result = run_lm("inspect-heads", heads_run, "--text", TEXT, "--format", "json", "--ablation", "zero",
+                    "--target", "the", "--position", "-3")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["ablation_mode"] == "zero"
+    assert len(data["ablation"]) == 2 and all(len(layer) == 4 for layer in data["ablation"])
+    assert all(isinstance(value, float) for layer in data["ablation"] for value in layer)
+    assert set(data["detectors"]) >= {"previous_token", "duplicate_token", "induction", "induction_length"}
+    attribution = data["attribution"]
+    assert attribution["position"] == len(data["tokens"]) - 3
+    assert sum(part["contribution"] for part in attribution["parts"]) == pytest.approx(attribution["logit"], abs=1e-4)
+    assert data["joint"] is None and len(data["top_heads"]) == 5
+
+
+def test_cli_csv_has_a_row_per_head(heads_run) -> None:
+    import csv
+    import io
+
+    from conftest import run_lm
+
+    result = run_lm("inspect-heads", heads_run, "--text", TEXT, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    every_head = {(str(layer), str(head)) for layer in range(2) for head in range(4)}
+    assert len(rows) == 8 and {(row["layer"], row["head"]) for row in rows} == every_head
+    assert {"loss_change_nats", "induction", "direct_logit"} <= set(rows[0])
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--ablate", "1.9"], "head 9 does not exist"),
+    (["--ablate", "one"], "LAYER.HEAD"),
+    (["--ablation", "half"], "--ablation 'half'"),
+    (["--position", "999"], "--position 999"),
+])
+def test_cli_bad_options_are_one_line_errors(heads_run, args: list[str], needle: str) -> None:
+    from conftest import assert_one_line_error, run_lm
+
+    assert_one_line_error(run_lm("inspect-heads", heads_run, "--text", TEXT, *args), needle)

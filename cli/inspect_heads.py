@@ -1,0 +1,347 @@
+"""`lm inspect-heads`: which heads matter (ablation, detectors, direct logit attribution), in the terminal."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.text import Text
+
+    from lm.heads import Ablation, Attribution, Detectors, HeadAblation
+    from lm.tokenizer import Tokenizer
+
+FORMATS = ("table", "json", "csv")
+CELL_WIDTH = 5  # "+0.12": 12 heads and the layer label fit 80 columns
+LABEL_WIDTH = 4
+BAR_WIDTH = 30
+ATTRIBUTION_ROWS = 16
+ABLATION = "Ablation"
+ATTRIBUTION = "Attribution"
+OUTPUT = "Output"
+
+
+def command(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
+    text: Annotated[str | None, typer.Option(
+        "--text", metavar="TEXT", show_default=False, help="The text to test the heads on.")] = None,
+    text_file: Annotated[Path | None, typer.Option(
+        "--text-file", "--file", metavar="FILE", show_default=False, help="Read the text from a UTF-8 file.")] = None,
+    ablation: Annotated[str, typer.Option(
+        "--ablation", metavar="MODE", rich_help_panel=ABLATION,
+        help="mean: a head's output is replaced by its mean over the text's positions; zero: by zeros.")] = "mean",
+    ablate: Annotated[str | None, typer.Option(
+        "--ablate", metavar="HEADS", rich_help_panel=ABLATION, show_default=False,
+        help="Also ablate these heads together, LAYER.HEAD separated by commas (e.g. 1.3,2.0): their joint "
+             "effect.")] = None,
+    top: Annotated[int, typer.Option(
+        "--top", metavar="N", rich_help_panel=ABLATION,
+        help="List the N heads that matter most, each with the tokens it helps most.")] = 5,
+    position: Annotated[int | None, typer.Option(
+        "--position", metavar="P", rich_help_panel=ATTRIBUTION, show_default=False,
+        help="The position whose next-token logit is attributed [default: the last; negative counts from "
+             "the end].")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", metavar="TOKEN", rich_help_panel=ATTRIBUTION, show_default=False,
+        help="Attribute this token's logit [default: the predicted token].")] = None,
+    versus: Annotated[str | None, typer.Option(
+        "--versus", metavar="TOKEN", rich_help_panel=ATTRIBUTION, show_default=False,
+        help="Attribute the logit difference target - TOKEN.")] = None,
+    output_format: Annotated[str, typer.Option(
+        "--format", metavar="FORMAT", rich_help_panel=OUTPUT, help="table | json | csv.")] = "table",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", rich_help_panel=OUTPUT, show_default=False,
+        help="Write to FILE instead of standard output.")] = None,
+) -> None:
+    """Which attention heads matter: ablate each head and measure the loss, score heads with
+    TransformerLens's detectors, and attribute one prediction's logit to every part of the model.
+
+    Ablation: each head's output is replaced (mean or zero) and the change in the mean loss per predicted
+    token is shown as a layer x head table, in nats (and bits per byte in the lists and JSON). A positive
+    change means the model predicts the text worse without the head: the head helps. A negative change
+    means the model does better without it: on this text the head hurts.
+
+    Detectors (share of a head's attention on a pattern, 0 to 1): previous-token and duplicate-token on
+    the text; induction on 50 random tokens repeated twice (seed 0; fewer tokens in a short context).
+
+    Attribution: the logit of the predicted token (or --target, minus --versus) at the last position (or
+    --position), split into token embedding, position embedding, every head, every MLP and the biases,
+    through the final norm with its scale frozen; the parts sum to the logit.
+    """
+    from lm.errors import UsageError
+
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
+    if text is not None and text_file is not None:
+        raise UsageError("give --text or --text-file, not both")
+    if text_file is not None:
+        from lm.textfiles import read_text_option
+
+        text = read_text_option(text_file, "--text-file")
+    if not text:
+        raise UsageError("no text to test the heads on; give --text TEXT or --text-file FILE")
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    from lm.heads import ABLATIONS
+
+    if ablation not in ABLATIONS:
+        raise UsageError(f"--ablation {ablation!r} is not one of: {', '.join(ABLATIONS)}")
+    if output is not None:
+        from lm.atomic import prepare_output
+
+        prepare_output(output, overwrite=True, what="output")
+
+    from lm.checkpoint import load_run
+    from lm.heads import ablate_heads, attribute_logit, detect_heads, parse_heads
+
+    model, tokenizer, _ = load_run(run_dir)
+    model.eval()
+    joint = parse_heads(ablate, model) if ablate is not None else None
+    target_id = _token_id(tokenizer, target, "--target")
+    versus_id = _token_id(tokenizer, versus, "--versus")
+    result = ablate_heads(model, tokenizer, text, ablation, joint)
+    detectors = detect_heads(model, tokenizer, text)
+    attribution = attribute_logit(model, tokenizer, text, position, target_id, versus_id)
+    if output_format == "json":
+        _write(json.dumps(_json(text, result, detectors, attribution, tokenizer, top), ensure_ascii=False) + "\n",
+               output)
+    elif output_format == "csv":
+        _write(_csv(result, detectors, attribution), output)
+    else:
+        _show(_terminal(result, detectors, attribution, tokenizer, top), output)
+
+
+def _token_id(tokenizer: Tokenizer, word: str | None, option: str) -> int | None:
+    from lm.errors import UsageError
+    from lm.inspect import resolve_token
+
+    if word is None:
+        return None
+    ids = resolve_token(tokenizer, word)
+    if len(ids) != 1:
+        pieces = ", ".join(repr(tokenizer.decode([i])) for i in ids)
+        raise UsageError(f"{option} {word!r} is not one token in this vocabulary (it is {pieces}); give one of them")
+    return ids[0]
+
+
+# Terminal -----------------------------------------------------------------------------------------
+
+
+def _visible(data: bytes) -> str:
+    from lm.tokenizer import visible_text
+
+    return visible_text(data)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _signed(value: float) -> str:
+    """A change in CELL_WIDTH characters: +0.12, +12.3, +123."""
+    for digits in (2, 1, 0):
+        cell = f"{value:+.{digits}f}"
+        if len(cell) <= CELL_WIDTH:
+            return cell
+    return "+big" if value > 0 else "-big"
+
+
+def _change_style(value: float, largest: float) -> str:
+    # Red where removing the head hurts the prediction, blue where it helps; stronger for larger changes.
+    share = min(1.0, abs(value) / largest) if largest > 0 else 0.0
+    level = round(40 + 180 * share)
+    colour = f"rgb({level},40,40)" if value > 0 else f"rgb(40,60,{level})"
+    return f"{'white' if share > 0.3 else 'grey85'} on {colour}"
+
+
+def _score_style(score: float) -> str:
+    low, high = (22, 24, 48), (255, 176, 0)
+    r, g, b = (round(lo + (hi - lo) * min(1.0, max(0.0, score))) for lo, hi in zip(low, high, strict=True))
+    return f"{'black' if score > 0.45 else 'grey85'} on rgb({r},{g},{b})"
+
+
+def _grid(title: str, values: list[list[float]], cell: Any, style: Any) -> list[Text]:
+    """One line per layer, one CELL_WIDTH cell per head: 12 heads fit 80 columns."""
+    from rich.text import Text
+
+    heads = len(values[0])
+    header = Text(" " * LABEL_WIDTH)
+    for head in range(heads):
+        header.append(" " + f"h{head}".rjust(CELL_WIDTH))
+    lines = [Text(title, style="bold"), header]
+    for layer, row in enumerate(values):
+        line = Text(f"L{layer}".ljust(LABEL_WIDTH))
+        for value in row:
+            line.append(" ")
+            line.append(cell(value).rjust(CELL_WIDTH), style=style(value))
+        lines.append(line)
+    return lines
+
+
+def _terminal(result: Ablation, detectors: Detectors, attribution: Attribution, tokenizer: Tokenizer,
+              top: int) -> list[RenderableType]:
+    from rich.text import Text
+
+    changes = [[head.nats for head in layer] for layer in result.heads]
+    largest = max(abs(value) for row in changes for value in row)
+    out: list[RenderableType] = []
+    if result.dropped:
+        out.append(Text(f"note: the text is longer than the model's context; its first {result.dropped} tokens are "
+                        "left out", style="dim"))
+    out.append(Text(f"{len(result.ids)} tokens; mean loss {result.loss:.4f} nats per predicted token "
+                    f"({result.bits_per_byte:.4f} bits per byte)"))
+    out += _grid(f"change in mean loss (nats per token) when a head is {result.mode}-ablated; positive: the head "
+                 "helps", changes, _signed, lambda value: _change_style(value, largest))
+    out.append(Text(""))
+    out += _top_heads(result, top)
+    if result.joint is not None:
+        out.append(_joint_line(result))
+    for name, title in (("previous_token", "previous-token score"), ("duplicate_token", "duplicate-token score"),
+                        ("induction", f"induction score ({detectors.induction_length} random tokens repeated, seed "
+                                      f"{detectors.induction_seed})")):
+        out.append(Text(""))
+        out += _grid(f"{title}: share of attention on the pattern (TransformerLens's head detector)",
+                     getattr(detectors, name), lambda value: f"{value:.2f}", _score_style)
+    out.append(Text(""))
+    out += _bars(attribution, result, tokenizer)
+    return out
+
+
+def _helped(result: Ablation, head: HeadAblation) -> str:
+    return ", ".join(f"{_visible(result.tokens[e.position])!r} @{e.position} +{e.increase:.2f}" for e in head.helped)
+
+
+def _top_heads(result: Ablation, top: int) -> list[Text]:
+    from rich.text import Text
+
+    from lm.heads import most_important
+
+    lines = [Text(f"the {top} heads that matter most, and the tokens each helps predict most (loss rise in nats)",
+                  style="bold")]
+    for head in most_important(result, top):
+        lines.append(Text(f"  L{head.layer}.H{head.head}  {head.nats:+.4f} nats  {head.bits_per_byte:+.4f} bits/byte"))
+        if head.helped:
+            lines.append(Text(f"      {_helped(result, head)}", style="dim"))
+    return lines
+
+
+def _joint_line(result: Ablation) -> Text:
+    from rich.text import Text
+
+    assert result.joint is not None
+    names = " + ".join(f"L{layer}.H{head}" for layer, head in result.joint_heads)
+    alone = sum(result.heads[layer][head].nats for layer, head in set(result.joint_heads))
+    return Text(f"{names} ablated together: {result.joint.nats:+.4f} nats ({result.joint.bits_per_byte:+.4f} bits "
+                f"per byte); one at a time they sum to {alone:+.4f}", style="bold")
+
+
+def _bars(attribution: Attribution, result: Ablation, tokenizer: Tokenizer) -> list[Text]:
+    from rich.text import Text
+
+    what = repr(tokenizer.decode([attribution.target]))
+    if attribution.versus is not None:
+        what += f" minus that of {tokenizer.decode([attribution.versus])!r}"
+    context = _clip("".join(_visible(t) for t in result.tokens[max(0, attribution.position - 5):
+                                                              attribution.position + 1]), 30)
+    total = sum(part.contribution for part in attribution.parts)
+    lines = [Text(f"direct logit attribution: the logit of {what} after position {attribution.position} "
+                  f"(…{context}) is {attribution.logit:.4f}; its {len(attribution.parts)} parts sum to {total:.4f}",
+                  style="bold")]
+    parts = sorted(attribution.parts, key=lambda part: abs(part.contribution), reverse=True)
+    shown, rest = parts[:ATTRIBUTION_ROWS], parts[ATTRIBUTION_ROWS:]
+    largest = max((abs(part.contribution) for part in shown), default=0.0) or 1.0
+    for part in shown:
+        length = max(1 if part.contribution else 0, round(abs(part.contribution) / largest * BAR_WIDTH))
+        line = Text(f"  {_clip(part.name, 20):<20} {part.contribution:+9.4f} ")
+        line.append("█" * length, style="green" if part.contribution > 0 else "red")
+        lines.append(line)
+    if rest:
+        lines.append(Text(f"  {len(rest)} smaller parts: {sum(p.contribution for p in rest):+.4f} together",
+                          style="dim"))
+    return lines
+
+
+def _show(renderables: list[RenderableType], output: Path | None) -> None:
+    from rich.console import Console
+
+    from lm.cli.render import stdout
+
+    console = stdout() if output is None else Console(file=io.StringIO(), width=200, record=True)
+    for renderable in renderables:
+        console.print(renderable)
+    if output is not None:
+        _write(console.export_text(), output)
+
+
+def _write(data: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(data)
+        return
+    from lm.atomic import atomic_write_text
+
+    atomic_write_text(output, data)
+
+
+# JSON and CSV -------------------------------------------------------------------------------------
+
+
+def _json(text: str, result: Ablation, detectors: Detectors, attribution: Attribution, tokenizer: Tokenizer,
+          top: int) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from lm.heads import most_important
+
+    def head_entry(head: HeadAblation) -> dict[str, Any]:
+        return {"layer": head.layer, "head": head.head, "nats": head.nats, "bits_per_byte": head.bits_per_byte,
+                "helped": [{"position": e.position, "token": _visible(result.tokens[e.position]),
+                            "increase_nats": e.increase} for e in head.helped]}
+
+    joint = None
+    if result.joint is not None:
+        joint = {**head_entry(result.joint), "heads": [list(pair) for pair in result.joint_heads]}
+        del joint["layer"], joint["head"]
+    return {
+        "text": text,
+        "dropped_tokens": result.dropped,
+        "tokens": [_visible(token) for token in result.tokens],
+        "loss": {"nats": result.loss, "bits_per_byte": result.bits_per_byte},
+        "ablation_mode": result.mode,
+        # Per layer, each head's change in mean loss per predicted token, in nats (positive: the head helps).
+        "ablation": [[head.nats for head in layer] for layer in result.heads],
+        "ablation_bits_per_byte": [[head.bits_per_byte for head in layer] for layer in result.heads],
+        "top_heads": [head_entry(head) for head in most_important(result, top)],
+        "joint": joint,
+        "detectors": asdict(detectors),
+        "attribution": {
+            "position": attribution.position, "target": attribution.target,
+            "target_token": tokenizer.decode([attribution.target]), "versus": attribution.versus,
+            "versus_token": None if attribution.versus is None else tokenizer.decode([attribution.versus]),
+            "logit": attribution.logit,
+            "parts": [{"name": part.name, "contribution": part.contribution} for part in attribution.parts],
+        },
+    }
+
+
+def _csv(result: Ablation, detectors: Detectors, attribution: Attribution) -> str:
+    """One row per head: its ablation effect, detector scores and direct logit attribution."""
+    direct = {part.name: part.contribution for part in attribution.parts}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["layer", "head", "loss_change_nats", "loss_change_bits_per_byte", "previous_token",
+                     "duplicate_token", "induction", "direct_logit"])
+    for layer, row in enumerate(result.heads):
+        for head in row:
+            writer.writerow([layer, head.head, f"{head.nats:.6g}", f"{head.bits_per_byte:.6g}",
+                             f"{detectors.previous_token[layer][head.head]:.6g}",
+                             f"{detectors.duplicate_token[layer][head.head]:.6g}",
+                             f"{detectors.induction[layer][head.head]:.6g}",
+                             f"{direct[f'L{layer}.H{head.head}']:.6g}"])
+    return buffer.getvalue()
