@@ -192,24 +192,28 @@ def _terminal(result: Ablation, detectors: Detectors, attribution: Attribution, 
 
     changes = [[head.nats for head in layer] for layer in result.heads]
     largest = max(abs(value) for row in changes for value in row)
+    # An untrained or redundant model's changes are small: shown in thousandths of a nat, not as +0.00.
+    unit, factor = ("millinats", 1000.0) if largest < 0.1 else ("nats", 1.0)
     out: list[RenderableType] = []
     if result.dropped:
-        out.append(Text(f"note: the text is longer than the model's context; its first {result.dropped} tokens are "
-                        "left out", style="dim"))
+        out.append(Text(f"note: the text is longer than the context; its first {result.dropped} tokens are left "
+                        "out", style="dim"))
     out.append(Text(f"{len(result.ids)} tokens; mean loss {result.loss:.4f} nats per predicted token "
                     f"({result.bits_per_byte:.4f} bits per byte)"))
-    out += _grid(f"change in mean loss (nats per token) when a head is {result.mode}-ablated; positive: the head "
-                 "helps", changes, _signed, lambda value: _change_style(value, largest))
+    out += _grid(f"loss change per token ({unit}), each head {result.mode}-ablated; +: the head helps",
+                 [[value * factor for value in row] for row in changes], _signed,
+                 lambda value: _change_style(value, largest * factor))
     out.append(Text(""))
     out += _top_heads(result, top)
     if result.joint is not None:
         out.append(_joint_line(result))
+    out += [Text(""), Text("head detectors (TransformerLens's): share of each head's attention on a pattern",
+                           style="bold")]
     for name, title in (("previous_token", "previous-token score"), ("duplicate_token", "duplicate-token score"),
-                        ("induction", f"induction score ({detectors.induction_length} random tokens repeated, seed "
+                        ("induction", f"induction score ({detectors.induction_length} random tokens twice, seed "
                                       f"{detectors.induction_seed})")):
         out.append(Text(""))
-        out += _grid(f"{title}: share of attention on the pattern (TransformerLens's head detector)",
-                     getattr(detectors, name), lambda value: f"{value:.2f}", _score_style)
+        out += _grid(title, getattr(detectors, name), lambda value: f"{value:.2f}", _score_style)
     out.append(Text(""))
     out += _bars(attribution, result, tokenizer)
     return out
@@ -224,8 +228,9 @@ def _top_heads(result: Ablation, top: int) -> list[Text]:
 
     from lm.heads import most_important
 
-    lines = [Text(f"the {top} heads that matter most, and the tokens each helps predict most (loss rise in nats)",
-                  style="bold")]
+    lines = [Text(f"the {top} heads that matter most; below each, the tokens it helps predict most",
+                  style="bold"), Text("(the token, its position, its loss rise in nats when the head is ablated)",
+                                      style="dim")]
     for head in most_important(result, top):
         lines.append(Text(f"  L{head.layer}.H{head.head}  {head.nats:+.4f} nats  {head.bits_per_byte:+.4f} bits/byte"))
         if head.helped:
@@ -253,8 +258,8 @@ def _bars(attribution: Attribution, result: Ablation, tokenizer: Tokenizer) -> l
                                                               attribution.position + 1]), 30)
     total = sum(part.contribution for part in attribution.parts)
     lines = [Text(f"direct logit attribution: the logit of {what} after position {attribution.position} "
-                  f"(…{context}) is {attribution.logit:.4f}; its {len(attribution.parts)} parts sum to {total:.4f}",
-                  style="bold")]
+                  f"(…{context})", style="bold"),
+             Text(f"is {attribution.logit:.4f}; its {len(attribution.parts)} parts sum to {total:.4f}")]
     parts = sorted(attribution.parts, key=lambda part: abs(part.contribution), reverse=True)
     shown, rest = parts[:ATTRIBUTION_ROWS], parts[ATTRIBUTION_ROWS:]
     largest = max((abs(part.contribution) for part in shown), default=0.0) or 1.0
