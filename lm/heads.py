@@ -13,7 +13,10 @@
   previous-token: key i-1 of query i; duplicate-token: earlier keys holding the query's own token;
   induction: the key after such an earlier occurrence. Previous- and duplicate-token are measured on
   the text, induction on <|endoftext|> then INDUCTION_LENGTH random ordinary tokens (seed
-  INDUCTION_SEED) repeated twice, as TransformerLens and the ARENA exercises do.
+  INDUCTION_SEED) repeated twice, as TransformerLens and the ARENA exercises do. The share is of
+  every row's attention, as in TransformerLens: a perfect previous-token head scores (time - 1) / time,
+  a perfect induction head about 0.5 (only the second copy's rows can match), unlike
+  `lm.inspect`'s induction score, which averages over the second copy alone.
 - Direct logit attribution: the final residual stream at one position is a sum of parts (token
   embedding, position embedding, each head through its slice of the output projection, each
   attention's output bias, each MLP); each part is passed through the final norm with the norm's
@@ -34,13 +37,12 @@ import torch.nn.functional as F
 
 from lm.data import token_byte_lengths
 from lm.errors import InputError, UsageError
-from lm.inspect import check_head, check_layer, encode_for_inspection
+from lm.inspect import check_head, check_layer, encode_for_inspection, repeated_random_ids
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
 ABLATIONS = ("mean", "zero")
-INDUCTION_LENGTH = 50  # random tokens in each copy (fewer when the context is shorter)
-INDUCTION_SEED = 0
+INDUCTION_SEED = 0  # lm.inspect.INDUCTION_LENGTH random tokens per copy (fewer in a shorter context)
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 
 # A head edit: given one layer's heads' outputs (batch, time, heads, d_head), return them edited.
@@ -165,7 +167,15 @@ def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean"
     device = next(model.parameters()).device
     ids = torch.tensor([ids_list], device=device)
     replacements = _replacements(model, ids, mode)
-    clean = _token_losses(model, ids)[0].float().cpu()
+    heads, layers = model.config.n_head, range(model.config.n_layer)
+
+    def masks(batch: int) -> dict[int, torch.Tensor]:
+        # Every layer edited (most with nothing to replace) in every run, the clean one too: an edited
+        # projection runs PyTorch's own kernel rather than `linear`'s choice, and the differences should
+        # hold the ablation's effect, not the kernels' rounding.
+        return {layer: torch.zeros(batch, heads, dtype=torch.bool, device=device) for layer in layers}
+
+    clean = ablated_losses(model, ids, masks(1), replacements)[0].float().cpu()
     byte_counts = token_byte_lengths(tokenizer)[ids_list[1:]].float()
     # Bits per byte counts the tokens that spell text (special tokens have no bytes), as lm.eval does.
     text_tokens = byte_counts > 0
@@ -178,19 +188,19 @@ def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean"
         helped = [TokenEffect(position + 1, increase[position].item()) for position in order if increase[position] > 0]
         return HeadAblation(layer, head, increase.mean().item(), bpb, helped)
 
-    heads = model.config.n_head
     table = []
-    for layer in range(model.config.n_layer):
-        one_each = torch.eye(heads, dtype=torch.bool, device=device)  # row h ablates head h
-        losses = ablated_losses(model, ids, {layer: one_each}, replacements).float().cpu()
+    for layer in layers:
+        one_each = masks(heads)
+        one_each[layer] = torch.eye(heads, dtype=torch.bool, device=device)  # row h ablates head h
+        losses = ablated_losses(model, ids, one_each, replacements).float().cpu()
         table.append([measured(layer, head, losses[head]) for head in range(heads)])
     result = Ablation(ids_list, [tokenizer.token_bytes(i) for i in ids_list], dropped, mode, clean.mean().item(),
                       _bits_per_byte(clean, byte_counts), table)
     if joint:
-        masks: dict[int, torch.Tensor] = {}
+        together = masks(1)
         for layer, head in joint:
-            masks.setdefault(layer, torch.zeros(1, heads, dtype=torch.bool, device=device))[0, head] = True
-        result.joint = measured(-1, -1, ablated_losses(model, ids, masks, replacements)[0].float().cpu())
+            together[layer][0, head] = True
+        result.joint = measured(-1, -1, ablated_losses(model, ids, together, replacements)[0].float().cpu())
         result.joint_heads = list(joint)
     return result
 
@@ -233,19 +243,6 @@ def detector_scores(weights: torch.Tensor, pattern: torch.Tensor) -> torch.Tenso
     """Each head's share of attention on the pattern: sum(weights x pattern) / sum(weights), for one layer's
     weights (heads, time, time); TransformerLens's "mul" measure."""
     return (weights * pattern).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
-
-
-def repeated_random_ids(model: GPT, tokenizer: Tokenizer, seed: int = INDUCTION_SEED) -> tuple[list[int], int]:
-    """<|endoftext|> then random ordinary tokens twice over; returns the ids and the length of one copy."""
-    length = min(INDUCTION_LENGTH, (model.config.context_length - 1) // 2)
-    if length < 2:
-        raise InputError("the context is too short to measure induction (it needs 5 tokens or more)")
-    specials = set(tokenizer.special_tokens.values())
-    ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])
-    generator = torch.Generator().manual_seed(seed)
-    sequence = ordinary[torch.randint(len(ordinary), (length,), generator=generator)].tolist()
-    start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    return start + sequence * 2, length
 
 
 @dataclass

@@ -164,21 +164,28 @@ def label_for(stats: HeadStats) -> str:
     return "broad" if stats.spread >= BROAD_ENTROPY else "mixed"
 
 
-@torch.inference_mode()
-def induction_scores(model: GPT, tokenizer: Tokenizer, seed: int = 0,
-                     layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
-    """Per layer (all, or `layers`), each head's mean weight from a token in the second copy of a repeated
-    random sequence to the token after that token's first occurrence."""
+def repeated_random_ids(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> tuple[list[int], int]:
+    """<|endoftext|> (when the tokenizer has one), then INDUCTION_LENGTH random ordinary tokens (fewer when
+    the context is short) twice over: the ids and the length of one copy."""
     length = min(INDUCTION_LENGTH, (model.config.context_length - 1) // 2)
     if length < 2:
         raise InputError("the context is too short to measure induction (it needs 5 tokens or more)")
     specials = set(tokenizer.special_tokens.values())
     ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])
     generator = torch.Generator().manual_seed(seed)
-    sequence = ordinary[torch.randint(len(ordinary), (length,), generator=generator)]
+    sequence = ordinary[torch.randint(len(ordinary), (length,), generator=generator)].tolist()
     start = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    ids = torch.tensor(start + sequence.tolist() * 2, device=next(model.parameters()).device)
-    offset = len(start)
+    return start + sequence * 2, length
+
+
+@torch.inference_mode()
+def induction_scores(model: GPT, tokenizer: Tokenizer, seed: int = 0,
+                     layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+    """Per layer (all, or `layers`), each head's mean weight from a token in the second copy of a repeated
+    random sequence to the token after that token's first occurrence."""
+    repeated, length = repeated_random_ids(model, tokenizer, seed)
+    ids = torch.tensor(repeated, device=next(model.parameters()).device)
+    offset = len(repeated) - 2 * length
     chosen = set(range(model.config.n_layer)) if layers is None else {check_layer(model, layer) for layer in layers}
     trace = model.trace(ids[None], chosen)
     queries = torch.arange(offset + length, offset + 2 * length)  # every token of the second copy

@@ -251,3 +251,14 @@ def test_cli_bad_options_are_one_line_errors(heads_run, args: list[str], needle:
     from conftest import assert_one_line_error, run_lm
 
     assert_one_line_error(run_lm("inspect-heads", heads_run, "--text", TEXT, *args), needle)
+
+
+def test_a_head_the_projection_ignores_changes_nothing(sample_tokenizer) -> None:
+    """Its ablation's change is exactly 0: the clean run goes through the same kernels as the ablated ones."""
+    model = tiny_model(sample_tokenizer.vocab_size)
+    d_head = model.config.d_head
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight[:, 2 * d_head:3 * d_head] = 0
+    result = ablate_heads(model, sample_tokenizer, TEXT, mode="zero")
+    assert result.heads[1][2].nats == 0.0 and result.heads[1][2].helped == []
+    assert result.heads[1][1].nats != 0.0
