@@ -44,6 +44,7 @@ from lm.tokenizer import Tokenizer
 ABLATIONS = ("mean", "zero")
 INDUCTION_SEED = 0  # lm.inspect.INDUCTION_LENGTH random tokens per copy (fewer in a shorter context)
 DETECTORS = ("previous_token", "duplicate_token", "induction")
+LOGIT_BUDGET = 2**26  # logit values computed at once by the ablation passes (256 MB in float32)
 
 # A head edit: given one layer's heads' outputs (batch, time, heads, d_head), return them edited.
 HeadEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -150,11 +151,20 @@ def _replacements(model: GPT, ids: torch.Tensor, mode: str) -> dict[int, torch.T
 def ablated_losses(model: GPT, ids: torch.Tensor, masks: dict[int, torch.Tensor],
                    replacements: dict[int, torch.Tensor]) -> torch.Tensor:
     """Per-token losses (batch, time - 1) of `ids` (1, time) run once per mask row, each row with the heads
-    its masks (layer -> (batch, heads) bools) mark replaced by `replacements`."""
+    its masks (layer -> (batch, heads) bools) mark replaced by `replacements`.
+
+    Rows run in groups whose logits fit LOGIT_BUDGET values: a GPT-2-sized vocabulary's logits for 12
+    rows of 1024 tokens would take 2.4 GB.
+    """
     batch = next(iter(masks.values())).size(0)
-    edits = {layer: replace_heads(mask, replacements[layer]) for layer, mask in masks.items()}
-    with edited_heads(model, edits):
-        return _token_losses(model, ids.expand(batch, -1))
+    per_pass = max(1, LOGIT_BUDGET // (ids.size(1) * model.config.vocab_size))
+    losses = []
+    for start in range(0, batch, per_pass):
+        rows = slice(start, min(batch, start + per_pass))
+        edits = {layer: replace_heads(mask[rows], replacements[layer]) for layer, mask in masks.items()}
+        with edited_heads(model, edits):
+            losses.append(_token_losses(model, ids.expand(rows.stop - rows.start, -1)))
+    return torch.cat(losses)
 
 
 @torch.inference_mode()

@@ -262,3 +262,14 @@ def test_a_head_the_projection_ignores_changes_nothing(sample_tokenizer) -> None
     result = ablate_heads(model, sample_tokenizer, TEXT, mode="zero")
     assert result.heads[1][2].nats == 0.0 and result.heads[1][2].helped == []
     assert result.heads[1][1].nats != 0.0
+
+
+def test_ablation_passes_split_to_fit_the_logit_budget(sample_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm.heads
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    whole = ablate_heads(model, sample_tokenizer, TEXT)
+    monkeypatch.setattr(lm.heads, "LOGIT_BUDGET", 1)  # one row per pass
+    split = ablate_heads(model, sample_tokenizer, TEXT)
+    assert [h.nats for layer in split.heads for h in layer] == pytest.approx(
+        [h.nats for layer in whole.heads for h in layer], abs=1e-6)
