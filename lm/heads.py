@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from lm.data import token_byte_lengths
 from lm.errors import InputError, UsageError
 from lm.inspect import check_head, check_layer, encode_for_inspection, repeated_random_ids
+from lm.linear import linear
 from lm.model import GPT
 from lm.tokenizer import Tokenizer
 
@@ -111,10 +112,10 @@ class Ablation:
     joint_heads: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _token_losses(model: GPT, ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each predicted token, (batch, time - 1), for ids (batch, time)."""
-    logits, _ = model(ids)
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each predicted token, (batch, time - 1), from logits (batch, time, vocab), ids (1, time)."""
+    targets = ids[:, 1:].expand(logits.size(0), -1)
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
 
 
 def head_means(model: GPT, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -149,21 +150,34 @@ def _replacements(model: GPT, ids: torch.Tensor, mode: str) -> dict[int, torch.T
 
 
 def ablated_losses(model: GPT, ids: torch.Tensor, masks: dict[int, torch.Tensor],
-                   replacements: dict[int, torch.Tensor]) -> torch.Tensor:
+                   replacements: dict[int, torch.Tensor], first_layer: int = 0,
+                   stream: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token losses (batch, time - 1) of `ids` (1, time) run once per mask row, each row with the heads
     its masks (layer -> (batch, heads) bools) mark replaced by `replacements`.
 
-    Rows run in groups whose logits fit LOGIT_BUDGET values: a GPT-2-sized vocabulary's logits for 12
-    rows of 1024 tokens would take 2.4 GB.
+    With `stream`, the residual stream (1, time, d_model) entering block `first_layer` in a clean run, the
+    blocks before it are not run again (the masks must ablate nothing there): they are the same for every
+    row. Rows run in groups whose logits fit LOGIT_BUDGET values: a GPT-2-sized vocabulary's logits for
+    12 rows of 1024 tokens would take 2.4 GB.
     """
+    time = ids.size(1)
+    if stream is None:
+        first_layer, stream = 0, model.embed(ids, slice(0, time))
+    if any(mask.any() for layer, mask in masks.items() if layer < first_layer):
+        raise ValueError(f"the masks ablate heads before layer {first_layer}, where the clean stream is reused")
+    rope = model._rope(slice(0, time))
     batch = next(iter(masks.values())).size(0)
-    per_pass = max(1, LOGIT_BUDGET // (ids.size(1) * model.config.vocab_size))
+    per_pass = max(1, LOGIT_BUDGET // (time * model.config.vocab_size))
     losses = []
     for start in range(0, batch, per_pass):
         rows = slice(start, min(batch, start + per_pass))
-        edits = {layer: replace_heads(mask[rows], replacements[layer]) for layer, mask in masks.items()}
+        edits = {layer: replace_heads(mask[rows], replacements[layer]) for layer, mask in masks.items()
+                 if layer >= first_layer}
         with edited_heads(model, edits):
-            losses.append(_token_losses(model, ids.expand(rows.stop - rows.start, -1)))
+            x = stream.expand(rows.stop - rows.start, -1, -1)
+            for block in model.blocks[first_layer:]:  # GPT.forward from block `first_layer` on
+                x, _ = block(x, rope)
+            losses.append(_token_losses(linear(model.lm_head, model.norm(x)), ids))
     return torch.cat(losses)
 
 
@@ -185,7 +199,9 @@ def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean"
         # hold the ablation's effect, not the kernels' rounding.
         return {layer: torch.zeros(batch, heads, dtype=torch.bool, device=device) for layer in layers}
 
-    clean = ablated_losses(model, ids, masks(1), replacements)[0].float().cpu()
+    with edited_heads(model, {layer: replace_heads(mask, replacements[layer]) for layer, mask in masks(1).items()}):
+        trace = model.trace(ids)  # the stream entering each block, through the same kernels as below
+    clean = _token_losses(trace.logits, ids)[0].float().cpu()
     byte_counts = token_byte_lengths(tokenizer)[ids_list[1:]].float()
     # Bits per byte counts the tokens that spell text (special tokens have no bytes), as lm.eval does.
     text_tokens = byte_counts > 0
@@ -202,7 +218,7 @@ def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean"
     for layer in layers:
         one_each = masks(heads)
         one_each[layer] = torch.eye(heads, dtype=torch.bool, device=device)  # row h ablates head h
-        losses = ablated_losses(model, ids, one_each, replacements).float().cpu()
+        losses = ablated_losses(model, ids, one_each, replacements, layer, trace.hidden[layer]).float().cpu()
         table.append([measured(layer, head, losses[head]) for head in range(heads)])
     result = Ablation(ids_list, [tokenizer.token_bytes(i) for i in ids_list], dropped, mode, clean.mean().item(),
                       _bits_per_byte(clean, byte_counts), table)
@@ -210,7 +226,9 @@ def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean"
         together = masks(1)
         for layer, head in joint:
             together[layer][0, head] = True
-        result.joint = measured(-1, -1, ablated_losses(model, ids, together, replacements)[0].float().cpu())
+        first = min(layer for layer, _ in joint)
+        losses = ablated_losses(model, ids, together, replacements, first, trace.hidden[first])
+        result.joint = measured(-1, -1, losses[0].float().cpu())
         result.joint_heads = list(joint)
     return result
 
