@@ -44,7 +44,6 @@ from lm.tokenizer import Tokenizer
 
 ABLATIONS = ("mean", "zero")
 INDUCTION_SEED = 0  # lm.inspect.INDUCTION_LENGTH random tokens per copy (fewer in a shorter context)
-DETECTORS = ("previous_token", "duplicate_token", "induction")
 LOGIT_BUDGET = 2**26  # logit values computed at once by the ablation passes (256 MB in float32)
 
 # A head edit: given one layer's heads' outputs (batch, time, heads, d_head), return them edited.
