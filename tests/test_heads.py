@@ -369,11 +369,35 @@ def test_cli_csv_has_a_row_per_head(heads_run) -> None:
     assert {"loss_change_nats", "induction", "direct_logit"} <= set(rows[0])
 
 
+def test_cli_compare_adds_the_patching_tables_and_json(heads_run) -> None:
+    import json
+
+    from conftest import run_lm
+
+    args = ["inspect-heads", heads_run, "--text", CLEAN, "--compare", CORRUPT, "--target", "the", "--versus", "a"]
+    table = run_lm(*args, env={"COLUMNS": "80"})
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    assert "activation patching: logit ' the' - ' a' at the last position" in out
+    assert "layer x position" in out and "each head's output" in out
+    assert "·he" in out  # the --compare token under the clean one where they differ
+    assert max(len(line) for line in out.splitlines()) <= 80
+    data = json.loads(run_lm(*args, "--format", "json").stdout)
+    patching = data["patching"]
+    assert set(patching) >= {"residual", "heads", "target", "versus", "clean_diff", "corrupt_diff"}
+    assert len(patching["residual"]) == 3 and all(len(row) == len(data["tokens"]) for row in patching["residual"])
+    assert len(patching["heads"]) == 2 and all(len(row) == 4 for row in patching["heads"])
+    assert patching["residual"][-1][-1] == pytest.approx(1.0, abs=1e-5)
+    plain = run_lm("inspect-heads", heads_run, "--text", CLEAN, "--format", "json")
+    assert json.loads(plain.stdout)["patching"] is None
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--ablate", "1.9"], "head 9 does not exist"),
     (["--ablate", "one"], "LAYER.HEAD"),
     (["--ablation", "half"], "--ablation 'half'"),
     (["--position", "999"], "--position 999"),
+    (["--compare", "a different length"], "the same token length"),
 ])
 def test_cli_bad_options_are_one_line_errors(heads_run, args: list[str], needle: str) -> None:
     from conftest import assert_one_line_error, run_lm
