@@ -1,4 +1,5 @@
-"""Which heads matter: causal tests on attention heads (ablation, detectors, direct logit attribution).
+"""Which heads matter: causal tests on attention heads (ablation, detectors, direct logit attribution,
+activation patching).
 
 `lm.inspect` shows where heads look; this module asks what they do for the prediction.
 
@@ -23,6 +24,14 @@
   scale frozen at the full residual's value (TransformerLens's `apply_ln_to_stack`: parts centred for
   LayerNorm, divided by the full stream's scale, times the norm's weight) and dotted with the target
   token's output row. The norm's bias gives one more constant part; the parts sum to the logit.
+- Activation patching: a clean and a corrupt text of the same token length; the corrupt text is run
+  again with one activation taken from the clean run (one layer x position of the residual stream, or
+  one head's output at every position, through the same pre-hooks), and the share of the logit
+  difference target - versus at the last position that comes back, (patched - corrupt) / (clean -
+  corrupt), is reported, as TransformerLens's `patching` module and the ARENA exercises define it.
+  The patched runs start at the patched layer from the corrupt run's stream (the blocks below are the
+  same), one row per position or head, in groups of at most ACTIVATION_BUDGET stream values; positions
+  where the two streams are equal (all before the first differing token) are 0 without a run.
 """
 
 from __future__ import annotations
@@ -537,11 +546,18 @@ def patch_activations(model: GPT, tokenizer: Tokenizer, clean: str, corrupt: str
     residual = []
     for layer in range(model.config.n_layer + 1):
         clean_stream, corrupt_stream = clean_trace.hidden[layer], corrupt_trace.hidden[layer]
-        row: list[float] = []
-        for rows in _row_groups(time, time, width):  # row p takes position p from the clean stream
-            chosen = torch.eye(time, dtype=torch.bool, device=device)[rows, :, None]
-            row += recovered(logit_diffs_from(model, torch.where(chosen, clean_stream, corrupt_stream), layer,
-                                              direction))
+        # Where the two streams are the same (every position before the first differing token), patching
+        # changes nothing: 0 without a run.
+        row = [0.0] * time
+        differing = (clean_stream[0] != corrupt_stream[0]).any(dim=-1).nonzero().flatten()
+        for rows in _row_groups(len(differing), time, width):  # each row takes one position from the clean run
+            positions = differing[rows]
+            chosen = torch.zeros(len(positions), time, 1, dtype=torch.bool, device=device)
+            chosen[torch.arange(len(positions), device=device), positions] = True
+            shares = recovered(logit_diffs_from(model, torch.where(chosen, clean_stream, corrupt_stream), layer,
+                                                direction))
+            for position, share in zip(positions.tolist(), shares, strict=True):
+                row[position] = share
         residual.append(row)
     heads_table = []
     n_head = model.config.n_head
