@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
-    from lm.heads import Ablation, Attribution, Detectors, HeadAblation
+    from lm.heads import Ablation, Attribution, Detectors, HeadAblation, Patching
     from lm.tokenizer import Tokenizer
 
 FORMATS = ("table", "json", "csv")
@@ -25,6 +25,9 @@ BAR_WIDTH = 30
 ATTRIBUTION_ROWS = 16
 ABLATION = "Ablation"
 ATTRIBUTION = "Attribution"
+PATCHING = "Patching"
+PATCH_CELL = 3  # a recovered share in percent: "100", " 42", "-17"; 19 positions fit 80 columns
+PAGE_WIDTH = 80
 OUTPUT = "Output"
 
 
@@ -51,10 +54,18 @@ def command(
              "the end].")] = None,
     target: Annotated[str | None, typer.Option(
         "--target", metavar="TOKEN", rich_help_panel=ATTRIBUTION, show_default=False,
-        help="Attribute this token's logit [default: the predicted token].")] = None,
+        help="Attribute this token's logit [default: the predicted token]; with --compare, patch the logit "
+             "difference this token - --versus [default: the text's predicted token].")] = None,
     versus: Annotated[str | None, typer.Option(
         "--versus", metavar="TOKEN", rich_help_panel=ATTRIBUTION, show_default=False,
-        help="Attribute the logit difference target - TOKEN.")] = None,
+        help="Attribute the logit difference target - TOKEN; with --compare [default: the --compare text's "
+             "predicted token].")] = None,
+    compare: Annotated[str | None, typer.Option(
+        "--compare", metavar="TEXT", rich_help_panel=PATCHING, show_default=False,
+        help="Activation patching: run this corrupt text (as many tokens as --text) with each layer x position "
+             "of the residual stream, then each head's output, taken from --text's run, and show the share of "
+             "the logit difference --target - --versus at the last position that comes back. In the table "
+             "and JSON output, not the CSV.")] = None,
     output_format: Annotated[str, typer.Option(
         "--format", metavar="FORMAT", rich_help_panel=OUTPUT, help="table | json | csv.")] = "table",
     output: Annotated[Path | None, typer.Option(
@@ -75,6 +86,9 @@ def command(
     Attribution: the logit of the predicted token (or --target, minus --versus) at the last position (or
     --position), split into token embedding, position embedding, every head, every MLP and the biases,
     through the final norm with its scale frozen; the parts sum to the logit.
+
+    Patching (with --compare CORRUPT): (patched - corrupt) / (clean - corrupt) of the logit difference, for
+    each layer x position of the residual stream and each layer x head. Not in the CSV.
     """
     from lm.errors import UsageError
 
@@ -90,6 +104,8 @@ def command(
         raise UsageError("no text to test the heads on; give --text TEXT or --text-file FILE")
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
+    if compare is not None and not compare:
+        raise UsageError("--compare is empty; give the corrupt text to patch into")
     from lm.heads import ABLATIONS
 
     if ablation not in ABLATIONS:
@@ -100,7 +116,7 @@ def command(
         prepare_output(output, overwrite=True, what="output")
 
     from lm.checkpoint import load_run
-    from lm.heads import ablate_heads, attribute_logit, detect_heads, parse_heads
+    from lm.heads import ablate_heads, attribute_logit, detect_heads, parse_heads, patch_activations
 
     model, tokenizer, _ = load_run(run_dir)
     model.eval()
@@ -110,13 +126,18 @@ def command(
     result = ablate_heads(model, tokenizer, text, ablation, joint)
     detectors = detect_heads(model, tokenizer, text)
     attribution = attribute_logit(model, tokenizer, text, position, target_id, versus_id)
+    patching = None if compare is None else patch_activations(model, tokenizer, text, compare, target_id, versus_id)
     if output_format == "json":
-        _write(json.dumps(_json(text, result, detectors, attribution, tokenizer, top), ensure_ascii=False) + "\n",
-               output)
+        data = _json(text, result, detectors, attribution, tokenizer, top)
+        data["patching"] = None if patching is None else _patching_json(compare, patching, tokenizer)
+        _write(json.dumps(data, ensure_ascii=False) + "\n", output)
     elif output_format == "csv":
         _write(_csv(result, detectors, attribution), output)
     else:
-        _show(_terminal(result, detectors, attribution, tokenizer, top), output)
+        shown = _terminal(result, detectors, attribution, tokenizer, top)
+        if patching is not None:
+            shown += _patching(patching, tokenizer)
+        _show(shown, output)
 
 
 def _token_id(tokenizer: Tokenizer, word: str | None, option: str) -> int | None:
@@ -274,6 +295,55 @@ def _bars(attribution: Attribution, result: Ablation, tokenizer: Tokenizer) -> l
     return lines
 
 
+def _patch_cell(share: float) -> str:
+    """A recovered share in percent, PATCH_CELL characters."""
+    percent = round(share * 100)
+    if percent > 999:
+        return "+++"
+    if percent < -99:
+        return "---"
+    return str(percent)
+
+
+def _patching(patching: Patching, tokenizer: Tokenizer) -> list[Text]:
+    """The layer x position table, in pages of the positions that fit PAGE_WIDTH, then the layer x head grid."""
+    from rich.text import Text
+
+    def style(share: float) -> str:
+        return _change_style(share, 1.0)
+
+    target, versus = tokenizer.decode([patching.target]), tokenizer.decode([patching.versus])
+    lines = [Text(""), Text(f"activation patching: logit {target!r} - {versus!r} at the last position",
+                            style="bold"),
+             Text(f"is {patching.clean_diff:.4f} after the text, {patching.corrupt_diff:.4f} after --compare"),
+             Text("each cell: the % of the change that comes back when the --compare run", style="dim"),
+             Text("takes that activation from the text's run (100: all of it)", style="dim"),
+             Text("residual stream, layer x position (Ln: entering block n; out: after the", style="bold"),
+             Text("last block); under each token, the --compare token where they differ", style="bold")]
+    time = len(patching.tokens)
+    per_page = (PAGE_WIDTH - LABEL_WIDTH) // (PATCH_CELL + 1)
+    labels = [f"L{layer}" for layer in range(len(patching.residual) - 1)] + ["out"]
+    for start in range(0, time, per_page):
+        columns = range(start, min(time, start + per_page))
+        clean_line, corrupt_line = Text(f"{start}".ljust(LABEL_WIDTH), style="dim"), Text(" " * LABEL_WIDTH)
+        for p in columns:
+            clean_line.append(" " + _clip(_visible(patching.tokens[p]), PATCH_CELL).rjust(PATCH_CELL))
+            other = patching.compare_tokens[p]
+            shown = _clip(_visible(other), PATCH_CELL) if other != patching.tokens[p] else ""
+            corrupt_line.append(" " + shown.rjust(PATCH_CELL), style="yellow")
+        lines += [Text(""), clean_line, corrupt_line]
+        for label, row in zip(labels, patching.residual, strict=True):
+            line = Text(label.ljust(LABEL_WIDTH))
+            for p in columns:
+                line.append(" ")
+                line.append(_patch_cell(row[p]).rjust(PATCH_CELL), style=style(row[p]))
+            lines.append(line)
+    lines.append(Text(""))
+    lines += _grid("each head's output (all positions), layer x head, share recovered", patching.heads,
+                   lambda share: f"{share:+.2f}" if abs(share) < 10 else _signed(share), style)
+    return lines
+
+
 def _show(renderables: list[RenderableType], output: Path | None) -> None:
     from rich.console import Console
 
@@ -332,6 +402,20 @@ def _json(text: str, result: Ablation, detectors: Detectors, attribution: Attrib
             "logit": attribution.logit,
             "parts": [{"name": part.name, "contribution": part.contribution} for part in attribution.parts],
         },
+    }
+
+
+def _patching_json(compare: str | None, patching: Patching, tokenizer: Tokenizer) -> dict[str, Any]:
+    return {
+        "compare": compare,
+        "compare_tokens": [_visible(token) for token in patching.compare_tokens],
+        "target": patching.target, "target_token": tokenizer.decode([patching.target]),
+        "versus": patching.versus, "versus_token": tokenizer.decode([patching.versus]),
+        "clean_diff": patching.clean_diff, "corrupt_diff": patching.corrupt_diff,
+        # (patched - corrupt) / (clean - corrupt): per layer (the input of each block, then the final
+        # stream) per position, and per layer per head.
+        "residual": patching.residual,
+        "heads": patching.heads,
     }
 
 

@@ -1,4 +1,5 @@
-"""Which heads matter: causal tests on attention heads (ablation, detectors, direct logit attribution).
+"""Which heads matter: causal tests on attention heads (ablation, detectors, direct logit attribution,
+activation patching).
 
 `lm.inspect` shows where heads look; this module asks what they do for the prediction.
 
@@ -23,6 +24,14 @@
   scale frozen at the full residual's value (TransformerLens's `apply_ln_to_stack`: parts centred for
   LayerNorm, divided by the full stream's scale, times the norm's weight) and dotted with the target
   token's output row. The norm's bias gives one more constant part; the parts sum to the logit.
+- Activation patching: a clean and a corrupt text of the same token length; the corrupt text is run
+  again with one activation taken from the clean run (one layer x position of the residual stream, or
+  one head's output at every position, through the same pre-hooks), and the share of the logit
+  difference target - versus at the last position that comes back, (patched - corrupt) / (clean -
+  corrupt), is reported, as TransformerLens's `patching` module and the ARENA exercises define it.
+  The patched runs start at the patched layer from the corrupt run's stream (the blocks below are the
+  same), one row per position or head, in groups of at most ACTIVATION_BUDGET stream values; positions
+  where the two streams are equal (all before the first differing token) are 0 without a run.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from lm.data import token_byte_lengths
 from lm.errors import InputError, UsageError
 from lm.inspect import check_head, check_layer, encode_for_inspection, repeated_random_ids
 from lm.linear import linear
-from lm.model import GPT
+from lm.model import GPT, Trace
 from lm.tokenizer import Tokenizer
 
 ABLATIONS = ("mean", "zero")
@@ -415,3 +424,157 @@ def _normed(norm: torch.nn.Module, centred_stream: torch.Tensor, scale: torch.Te
         out = out * norm.weight.float()
     bias = getattr(norm, "bias", None)
     return out + bias.float() if bias is not None else out
+
+
+# Activation patching ------------------------------------------------------------------------------
+
+ACTIVATION_BUDGET = 2**24  # residual-stream values per patched pass (64 MB in float32; the blocks' own
+# intermediates take a few times that)
+
+
+@dataclass
+class Patching:
+    """How much of the clean run's logit difference target - versus at the last position comes back when
+    the corrupt run takes one activation from the clean run: (patched - corrupt) / (clean - corrupt)."""
+
+    tokens: list[bytes]  # the clean text's
+    compare_tokens: list[bytes]  # the corrupt text's, as long
+    dropped: int  # tokens left out at the start of the clean text (it was longer than the context)
+    target: int
+    versus: int
+    clean_diff: float  # the logit difference target - versus at the last position, clean run
+    corrupt_diff: float
+    residual: list[list[float]]  # (n_layer + 1) x time: row l patches the stream entering block l, the last
+    # row the final residual stream (after the last block), one position per column
+    heads: list[list[float]]  # n_layer x n_head: each head's output, at every position
+
+
+def _unchanged(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def _every_layer(model: GPT, edits: dict[int, HeadEdit] | None = None) -> dict[int, HeadEdit]:
+    # Every layer's projection edited in every run, as in ablate_heads, so all runs take the same kernels.
+    return {layer: (edits or {}).get(layer, _unchanged) for layer in range(model.config.n_layer)}
+
+
+def logit_direction(model: GPT, target: int, versus: int) -> torch.Tensor:
+    """The output-head direction whose dot product with the normed final stream is logit target - versus."""
+    weight = model.lm_head.weight.float()
+    return weight[target] - weight[versus]
+
+
+def _last_diff(model: GPT, final: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Logit difference at the last position, per row, from the final residual stream (batch, time, d_model).
+
+    An elementwise product and a sum over d_model: each row's value does not depend on the batch's size."""
+    return (model.norm(final[:, -1]).float() * direction).sum(dim=-1)
+
+
+def logit_diffs_from(model: GPT, stream: torch.Tensor, first_layer: int, direction: torch.Tensor,
+                     edits: dict[int, HeadEdit] | None = None) -> torch.Tensor:
+    """The logit difference along `direction` at the last position, per row of `stream` (batch, time, d_model),
+    the residual stream entering block `first_layer` (n_layer: the final stream), the blocks from there on
+    run with the heads' outputs passed through `edits` (layer -> edit; the others unchanged)."""
+    rope = model._rope(slice(0, stream.size(1)))
+    with edited_heads(model, _every_layer(model, edits)):
+        x = stream
+        for block in model.blocks[first_layer:]:  # GPT.forward from block `first_layer` on
+            x, _ = block(x, rope)
+        return _last_diff(model, x, direction)
+
+
+def _row_groups(rows: int, time: int, width: int) -> Iterator[slice]:
+    per_pass = max(1, ACTIVATION_BUDGET // (time * width))
+    for start in range(0, rows, per_pass):
+        yield slice(start, min(rows, start + per_pass))
+
+
+def _traced(model: GPT, ids: torch.Tensor) -> tuple[Trace, dict[int, torch.Tensor]]:
+    """The run's trace and each layer's heads' outputs (time, heads, d_head)."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int) -> HeadEdit:
+        def record(y: torch.Tensor) -> torch.Tensor:
+            outputs[layer] = y[0].clone()
+            return y
+        return record
+
+    with edited_heads(model, {layer: recorder(layer) for layer in range(model.config.n_layer)}):
+        trace = model.trace(ids)
+    return trace, outputs
+
+
+@torch.inference_mode()
+def patch_activations(model: GPT, tokenizer: Tokenizer, clean: str, corrupt: str, target: int | None = None,
+                      versus: int | None = None) -> Patching:
+    """Activation patching from the `clean` text's run into the `corrupt` text's (the same token length):
+    each layer x position of the residual stream, then each head's output at every position; see Patching.
+
+    `target` defaults to the clean run's predicted token at the last position, `versus` to the corrupt run's.
+    """
+    clean_list, dropped = encode_for_inspection(model, tokenizer, clean)
+    corrupt_list, _ = encode_for_inspection(model, tokenizer, corrupt)
+    if len(clean_list) != len(corrupt_list):
+        raise InputError(f"patching needs texts of the same token length: the text is {len(clean_list)} tokens "
+                         f"and the --compare text {len(corrupt_list)}")
+    device = next(model.parameters()).device
+    clean_ids = torch.tensor([clean_list], device=device)
+    corrupt_ids = torch.tensor([corrupt_list], device=device)
+    clean_trace, clean_heads = _traced(model, clean_ids)
+    corrupt_trace, _ = _traced(model, corrupt_ids)
+    if target is None:
+        target = int(clean_trace.logits[0, -1].argmax().item())
+    if versus is None:
+        versus = int(corrupt_trace.logits[0, -1].argmax().item())
+    if target == versus:
+        token = tokenizer.decode([target])
+        raise UsageError(f"the target and versus tokens are both {token!r} (by default the two texts' predictions "
+                         "at the last position): give --target and --versus")
+    direction = logit_direction(model, target, versus)
+    clean_diff = _last_diff(model, clean_trace.hidden[-1], direction)[0].item()
+    corrupt_diff = _last_diff(model, corrupt_trace.hidden[-1], direction)[0].item()
+    if clean_diff == corrupt_diff:
+        raise InputError(f"the two texts give the same logit difference ({clean_diff:.6g}): there is nothing "
+                         "to recover")
+    span = clean_diff - corrupt_diff
+
+    def recovered(diffs: torch.Tensor) -> list[float]:
+        return ((diffs.float().cpu() - corrupt_diff) / span).tolist()
+
+    time, width = len(clean_list), model.config.d_model
+    residual = []
+    for layer in range(model.config.n_layer + 1):
+        clean_stream, corrupt_stream = clean_trace.hidden[layer], corrupt_trace.hidden[layer]
+        # Where the two streams are the same (every position before the first differing token), patching
+        # changes nothing: 0 without a run.
+        row = [0.0] * time
+        differing = (clean_stream[0] != corrupt_stream[0]).any(dim=-1).nonzero().flatten()
+        for rows in _row_groups(len(differing), time, width):  # each row takes one position from the clean run
+            positions = differing[rows]
+            chosen = torch.zeros(len(positions), time, 1, dtype=torch.bool, device=device)
+            chosen[torch.arange(len(positions), device=device), positions] = True
+            shares = recovered(logit_diffs_from(model, torch.where(chosen, clean_stream, corrupt_stream), layer,
+                                                direction))
+            for position, share in zip(positions.tolist(), shares, strict=True):
+                row[position] = share
+        residual.append(row)
+    heads_table = []
+    n_head = model.config.n_head
+    for layer in range(model.config.n_layer):
+        row = []
+        for rows in _row_groups(n_head, time, width):  # row h takes head h's output from the clean run
+            mask = torch.eye(n_head, dtype=torch.bool, device=device)[rows]
+            edit = _patch_heads(mask, clean_heads[layer])
+            stream = corrupt_trace.hidden[layer].expand(rows.stop - rows.start, -1, -1)
+            row += recovered(logit_diffs_from(model, stream, layer, direction, {layer: edit}))
+        heads_table.append(row)
+    return Patching([tokenizer.token_bytes(i) for i in clean_list], [tokenizer.token_bytes(i) for i in corrupt_list],
+                    dropped, target, versus, clean_diff, corrupt_diff, residual, heads_table)
+
+
+def _patch_heads(mask: torch.Tensor, clean: torch.Tensor) -> HeadEdit:
+    """An edit putting the clean run's outputs `clean` (time, heads, d_head) where `mask` (batch, heads) is True."""
+    def edit(y: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask[:, None, :, None], clean[None].to(y.dtype), y)
+    return edit

@@ -184,6 +184,134 @@ def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm
     assert sum(name.startswith("L1.H") for name in names) == 4 and "L1 MLP" in names
 
 
+# Activation patching ------------------------------------------------------------------------------
+
+CLEAN = "But soft, what light through yonder window breaks? It is the east, and it is the"
+CORRUPT = CLEAN.replace("and it is", "and he is")
+
+
+def differing_positions(model: GPT, tokenizer) -> list[int]:
+    clean, _ = encode_for_inspection(model, tokenizer, CLEAN)
+    corrupt, _ = encode_for_inspection(model, tokenizer, CORRUPT)
+    assert len(clean) == len(corrupt)
+    return [p for p, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+
+
+def contrast(model: GPT, tokenizer) -> tuple[int, int]:
+    """The target and versus tokens whose logit difference the two texts change most (a random model
+    predicts the same token after both)."""
+    with torch.no_grad():
+        last = [model(torch.tensor([encode_for_inspection(model, tokenizer, text)[0]]))[0][0, -1]
+                for text in (CLEAN, CORRUPT)]
+    change = last[0] - last[1]
+    return int(change.argmax()), int(change.argmin())
+
+
+def patching_runs(model: GPT, tokenizer, target: int, versus: int):
+    from lm.heads import _last_diff, _traced, logit_direction
+
+    ids = [torch.tensor([encode_for_inspection(model, tokenizer, text)[0]]) for text in (CLEAN, CORRUPT)]
+    direction = logit_direction(model, target, versus)
+    with torch.inference_mode():
+        (clean, _), (corrupt, _) = _traced(model, ids[0]), _traced(model, ids[1])
+        diffs = [_last_diff(model, trace.hidden[-1], direction)[0].item() for trace in (clean, corrupt)]
+    return clean, corrupt, direction, *diffs
+
+
+@pytest.mark.parametrize(("pos_encoding", "norm", "bias"), [("learned", "layernorm", True), ("rope", "rmsnorm", False)])
+def test_patching_a_whole_layer_of_the_residual_stream_recovers_the_clean_difference(
+        sample_tokenizer, pos_encoding: str, norm: str, bias: bool) -> None:
+    from lm.heads import logit_diffs_from, patch_activations
+
+    model = tiny_model(sample_tokenizer.vocab_size, pos_encoding, norm, bias)
+    result = patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, *contrast(model, sample_tokenizer))
+    clean, corrupt, direction, clean_diff, corrupt_diff = patching_runs(model, sample_tokenizer, result.target,
+                                                                        result.versus)
+    assert (clean_diff, corrupt_diff) == pytest.approx((result.clean_diff, result.corrupt_diff), abs=1e-6)
+    assert abs(clean_diff - corrupt_diff) > 1e-3
+    with torch.inference_mode():
+        for layer in range(model.config.n_layer + 1):  # the input of each block, then the final stream
+            # Every position patched at once: everything downstream is the clean run.
+            patched = logit_diffs_from(model, clean.hidden[layer], layer, direction)[0].item()
+            assert (patched - corrupt_diff) / (clean_diff - corrupt_diff) == pytest.approx(1.0, abs=1e-5)
+            unpatched = logit_diffs_from(model, corrupt.hidden[layer], layer, direction)[0].item()
+            assert (unpatched - corrupt_diff) / (clean_diff - corrupt_diff) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_patching_the_one_differing_token_at_layer_0_recovers_everything(sample_tokenizer) -> None:
+    from lm.heads import patch_activations
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    (differing,) = differing_positions(model, sample_tokenizer)
+    result = patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, *contrast(model, sample_tokenizer))
+    time = len(result.tokens)
+    assert len(result.residual) == 3 and all(len(row) == time for row in result.residual)
+    assert len(result.heads) == 2 and all(len(row) == 4 for row in result.heads)
+    assert result.residual[0][differing] == pytest.approx(1.0, abs=1e-5)
+    # The other positions hold the same token in both texts: patching them changes nothing.
+    assert [v for p, v in enumerate(result.residual[0]) if p != differing] == pytest.approx([0.0] * (time - 1),
+                                                                                            abs=1e-5)
+    # The final stream reaches the logits only at its own position.
+    assert result.residual[-1] == pytest.approx([0.0] * (time - 1) + [1.0], abs=1e-5)
+    # Before the differing token nothing differs at any layer.
+    assert all(row[p] == pytest.approx(0.0, abs=1e-5) for row in result.residual for p in range(differing))
+
+
+def test_patching_no_head_recovers_nothing(sample_tokenizer) -> None:
+    from lm.heads import _patch_heads, _traced, logit_diffs_from, patch_activations
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    d_head = model.config.d_head
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight[:, 2 * d_head:3 * d_head] = 0  # head 1.2 reaches nothing
+    result = patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, *contrast(model, sample_tokenizer))
+    assert result.heads[1][2] == pytest.approx(0.0, abs=1e-5)
+    _, corrupt, direction, clean_diff, corrupt_diff = patching_runs(model, sample_tokenizer, result.target,
+                                                                    result.versus)
+    ids = torch.tensor([encode_for_inspection(model, sample_tokenizer, CLEAN)[0]])
+    with torch.inference_mode():
+        _, clean_heads = _traced(model, ids)
+        none = torch.zeros(1, 4, dtype=torch.bool)
+        for layer in (0, 1):
+            nothing = logit_diffs_from(model, corrupt.hidden[layer], layer, direction,
+                                       {layer: _patch_heads(none, clean_heads[layer])})[0].item()
+            assert (nothing - corrupt_diff) / (clean_diff - corrupt_diff) == pytest.approx(0.0, abs=1e-5)
+        # One head patched alone, in a run of its own, is the table's entry.
+        one = torch.zeros(1, 4, dtype=torch.bool)
+        one[0, 3] = True
+        alone = logit_diffs_from(model, corrupt.hidden[0], 0, direction, {0: _patch_heads(one, clean_heads[0])})
+    assert (alone[0].item() - corrupt_diff) / (clean_diff - corrupt_diff) == pytest.approx(result.heads[0][3],
+                                                                                          abs=1e-5)
+
+
+def test_patching_splits_its_passes_without_changing_anything(sample_tokenizer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm.heads
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    whole = lm.heads.patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, *contrast(model, sample_tokenizer))
+    monkeypatch.setattr(lm.heads, "ACTIVATION_BUDGET", 1)  # one row per pass
+    split = lm.heads.patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, *contrast(model, sample_tokenizer))
+    for a, b in ((whole.residual, split.residual), (whole.heads, split.heads)):
+        assert [v for row in a for v in row] == pytest.approx([v for row in b for v in row], abs=1e-5)
+
+
+def test_patching_texts_of_different_lengths_is_an_input_error(sample_tokenizer) -> None:
+    from lm.errors import InputError, UsageError
+    from lm.heads import patch_activations
+
+    model = tiny_model(sample_tokenizer.vocab_size)
+    clean = len(encode_for_inspection(model, sample_tokenizer, CLEAN)[0])
+    corrupt = len(encode_for_inspection(model, sample_tokenizer, CLEAN + " and more")[0])
+    with pytest.raises(InputError, match=f"the text is {clean} tokens and the --compare text {corrupt}"):
+        patch_activations(model, sample_tokenizer, CLEAN, CLEAN + " and more")
+    with pytest.raises(UsageError, match="give --target and --versus"):
+        patch_activations(model, sample_tokenizer, CLEAN, CORRUPT, target=5, versus=5)
+    # By default the two runs' predictions, which this random model makes the same.
+    with pytest.raises(UsageError, match="the two texts' predictions at the last position"):
+        patch_activations(model, sample_tokenizer, CLEAN, CORRUPT)
+
+
 # The command --------------------------------------------------------------------------------------
 
 
@@ -241,11 +369,35 @@ def test_cli_csv_has_a_row_per_head(heads_run) -> None:
     assert {"loss_change_nats", "induction", "direct_logit"} <= set(rows[0])
 
 
+def test_cli_compare_adds_the_patching_tables_and_json(heads_run) -> None:
+    import json
+
+    from conftest import run_lm
+
+    args = ["inspect-heads", heads_run, "--text", CLEAN, "--compare", CORRUPT, "--target", "the", "--versus", "a"]
+    table = run_lm(*args, env={"COLUMNS": "80"})
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    assert "activation patching: logit ' the' - ' a' at the last position" in out
+    assert "layer x position" in out and "each head's output" in out
+    assert "·he" in out  # the --compare token under the clean one where they differ
+    assert max(len(line) for line in out.splitlines()) <= 80
+    data = json.loads(run_lm(*args, "--format", "json").stdout)
+    patching = data["patching"]
+    assert set(patching) >= {"residual", "heads", "target", "versus", "clean_diff", "corrupt_diff"}
+    assert len(patching["residual"]) == 3 and all(len(row) == len(data["tokens"]) for row in patching["residual"])
+    assert len(patching["heads"]) == 2 and all(len(row) == 4 for row in patching["heads"])
+    assert patching["residual"][-1][-1] == pytest.approx(1.0, abs=1e-5)
+    plain = run_lm("inspect-heads", heads_run, "--text", CLEAN, "--format", "json")
+    assert json.loads(plain.stdout)["patching"] is None
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--ablate", "1.9"], "head 9 does not exist"),
     (["--ablate", "one"], "LAYER.HEAD"),
     (["--ablation", "half"], "--ablation 'half'"),
     (["--position", "999"], "--position 999"),
+    (["--compare", "a different length"], "the same token length"),
 ])
 def test_cli_bad_options_are_one_line_errors(heads_run, args: list[str], needle: str) -> None:
     from conftest import assert_one_line_error, run_lm
