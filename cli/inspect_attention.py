@@ -27,6 +27,24 @@ VIEW = "View"
 OUTPUT = "Output"
 
 
+def text_and_format(text: str | None, text_file: Path | None, output_format: str, purpose: str) -> str:
+    """The text an inspection command reads (--text, or --text-file's contents), its --format checked.
+    `purpose` finishes "no text to ..." in the error for neither."""
+    from lm.errors import UsageError
+
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
+    if text is not None and text_file is not None:
+        raise UsageError("give --text or --text-file, not both")
+    if text_file is not None:
+        from lm.textfiles import read_text_option
+
+        text = read_text_option(text_file, "--text-file")
+    if not text:
+        raise UsageError(f"no text to {purpose}; give --text TEXT or --text-file FILE")
+    return text
+
+
 def command(
     run_dir: Annotated[Path, typer.Argument(
         metavar="RUN_DIR", show_default=False, help="A run directory written by `lm train`.")],
@@ -70,16 +88,7 @@ def command(
     from lm.atomic import prepare_output
     from lm.errors import UsageError
 
-    if output_format not in FORMATS:
-        raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
-    if text is not None and text_file is not None:
-        raise UsageError("give --text or --text-file, not both")
-    if text_file is not None:
-        from lm.textfiles import read_text_option
-
-        text = read_text_option(text_file, "--text-file")
-    if not text:
-        raise UsageError("no text to look at; give --text TEXT or --text-file FILE")
+    text = text_and_format(text, text_file, output_format, "look at")
     if top is not None and top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     if compare is not None and not compare:

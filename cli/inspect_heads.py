@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from lm.cli.inspect_attention import text_and_format
+
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
     from lm.heads import Ablation, Attribution, Detectors, HeadAblation, Patching
     from lm.tokenizer import Tokenizer
 
-FORMATS = ("table", "json", "csv")
 CELL_WIDTH = 5  # "+0.12": 12 heads and the layer label fit 80 columns
 LABEL_WIDTH = 4
 BAR_WIDTH = 30
@@ -92,16 +93,7 @@ def command(
     """
     from lm.errors import UsageError
 
-    if output_format not in FORMATS:
-        raise UsageError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
-    if text is not None and text_file is not None:
-        raise UsageError("give --text or --text-file, not both")
-    if text_file is not None:
-        from lm.textfiles import read_text_option
-
-        text = read_text_option(text_file, "--text-file")
-    if not text:
-        raise UsageError("no text to test the heads on; give --text TEXT or --text-file FILE")
+    text = text_and_format(text, text_file, output_format, "test the heads on")
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     if compare is not None and not compare:
