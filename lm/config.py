@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0: save at each evaluation
     sample_tokens: int = 48
+    track_heads: bool = False  # record head detectors and the in-context score at each evaluation (lm.heads)
     val_fraction: float = 0.05
     seed: int = 1337
     device: str = "auto"

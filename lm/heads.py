@@ -32,6 +32,16 @@ activation patching).
   The patched runs start at the patched layer from the corrupt run's stream (the blocks below are the
   same), one row per position or head, in groups of at most ACTIVATION_BUDGET stream values; positions
   where the two streams are equal (all before the first differing token) are 0 without a run.
+- Tracking during training (`lm train --track-heads`): at each evaluation, every head's previous-token
+  score on the start of the validation text and its induction score (the detectors above, as `detect_heads`
+  computes them), and the in-context score of Olsson et al. (2022), "In-context Learning and Induction
+  Heads": the loss late in a window minus the loss early in it, averaged over the same validation windows
+  every time. Their definition (context 512 and longer) is the loss of the 500th token minus that of the
+  50th; here, for a context of T tokens, call the token predicted from the n tokens before it in its window
+  "token n" (n = 1..T): the score is the mean loss of tokens n >= 9T/10 (the window's last tenth) minus the
+  mean loss of tokens T/20 <= n < 3T/20 (a tenth of the window centred at T/10; token 1 alone when that
+  holds none), in nats. At T = 512: tokens 461-512 minus tokens 26-76. Negative: the model predicts
+  better with more context, and the score falls further when induction heads form.
 """
 
 from __future__ import annotations
@@ -578,3 +588,69 @@ def _patch_heads(mask: torch.Tensor, clean: torch.Tensor) -> HeadEdit:
     def edit(y: torch.Tensor) -> torch.Tensor:
         return torch.where(mask[:, None, :, None], clean[None].to(y.dtype), y)
     return edit
+
+
+# Tracking during training -------------------------------------------------------------------------
+
+IN_CONTEXT_WINDOWS = 32  # validation windows the in-context score averages over (fewer in a short text)
+
+
+def in_context_bands(context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks over a window's targets (index n - 1 predicts token n, from the n tokens before it):
+    early, T/20 <= n < 3T/20 (token 1 where none is), and late, n >= 9T/10; see the module docstring."""
+    n = torch.arange(1, context_length + 1)
+    early = (20 * n >= context_length) & (20 * n < 3 * context_length)
+    if not early.any():
+        early[0] = True
+    return early, 10 * n >= 9 * context_length
+
+
+def in_context_windows(ids: torch.Tensor, context_length: int, count: int = IN_CONTEXT_WINDOWS) -> torch.Tensor:
+    """Up to `count` windows of context_length + 1 ids, (windows, context_length + 1), spread evenly over
+    `ids` without overlapping; raises InputError when `ids` hold less than one."""
+    window = context_length + 1
+    if len(ids) < window:
+        raise InputError(f"the in-context score needs a window of {window:,} validation tokens, and the validation "
+                         f"text has {len(ids):,}; give more validation text or a shorter --context-length")
+    count = max(1, min(count, len(ids) // window))
+    stride = (len(ids) - window) // (count - 1) if count > 1 else 0
+    return torch.stack([ids[i * stride:i * stride + window] for i in range(count)]).long()
+
+
+@torch.inference_mode()
+def in_context_score(model: GPT, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean loss (nats) late in the windows minus early in them (see `in_context_bands`), the model in its
+    current mode: windows (count, context_length + 1) ids, run `batch_size` at a time."""
+    device = next(model.parameters()).device
+    time = windows.size(1) - 1
+    totals = torch.zeros(time, dtype=torch.float64)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size].to(device)
+        logits, _ = model(chunk[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")
+        totals += losses.sum(dim=0).double().cpu()
+    per_token = totals / len(windows)
+    early, late = in_context_bands(time)
+    return (per_token[late].mean() - per_token[early].mean()).item()
+
+
+@dataclass
+class HeadTracking:
+    """What `lm train --track-heads` records at an evaluation."""
+
+    previous_token: list[list[float]]  # per layer, per head: detect_heads's scores
+    induction: list[list[float]]
+    in_context: float  # nats, late minus early (negative: later tokens are predicted better)
+
+
+def tracking_text(tokenizer: Tokenizer, val_ids: torch.Tensor, context_length: int) -> str:
+    """The text the previous-token scores are measured on: the validation text's first context_length - 1
+    tokens (`detect_heads` puts <|endoftext|> before it)."""
+    return tokenizer.decode(val_ids[:context_length - 1].tolist())
+
+
+def track_heads(model: GPT, tokenizer: Tokenizer, text: str, windows: torch.Tensor,
+                batch_size: int = 16) -> HeadTracking:
+    """Previous-token scores on `text`, induction scores (`detect_heads`), the in-context score on `windows`."""
+    detectors = detect_heads(model, tokenizer, text)
+    return HeadTracking(detectors.previous_token, detectors.induction, in_context_score(model, windows, batch_size))
