@@ -101,7 +101,8 @@ def command(
     norm: Annotated[str | None, typer.Option(
         "--norm", metavar="KIND", rich_help_panel=MODEL, help="layernorm | rmsnorm.")] = None,
     mlp: Annotated[str | None, typer.Option(
-        "--mlp", metavar="KIND", rich_help_panel=MODEL, help="gelu | swiglu | relu2 (ReLU squared).")] = None,
+        "--mlp", metavar="KIND", rich_help_panel=MODEL,
+        help="gelu | swiglu | relu2 (ReLU squared) | none (attention-only blocks: cannot be exported).")] = None,
     qk_norm: Annotated[bool | None, typer.Option(
         "--qk-norm/--no-qk-norm", rich_help_panel=MODEL, show_default=False,
         help="RMS-normalise each head's queries and keys (as Qwen3 does).")] = None,

@@ -358,7 +358,7 @@ def _residual_parts(model: GPT, ids: torch.Tensor,
 
     hooks = [block.mlp.register_forward_hook(
         lambda module, args, output, layer=layer: mlps.__setitem__(layer, output[0, position].float()))
-        for layer, block in enumerate(model.blocks)]
+        for layer, block in enumerate(model.blocks) if block.mlp is not None]
     try:
         with edited_heads(model, {layer: recorder(layer) for layer in range(model.config.n_layer)}):
             trace = model.trace(ids)
@@ -381,8 +381,9 @@ def _residual_parts(model: GPT, ids: torch.Tensor,
         if block.attn.proj.bias is not None:
             names.append(f"L{layer} attention bias")
             vectors.append(block.attn.proj.bias.float())
-        names.append(f"L{layer} MLP")
-        vectors.append(mlps[layer])
+        if block.mlp is not None:  # attention-only blocks (--mlp none) have none
+            names.append(f"L{layer} MLP")
+            vectors.append(mlps[layer])
     return [Part(name, 0.0) for name in names], vectors, trace.hidden[-1][0, position].float()
 
 

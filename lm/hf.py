@@ -51,6 +51,9 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
     transformers and llama.cpp share the GPT-2, Llama and Qwen3 families, so GGUF export asks the same
     question; ReLU² GPT-2 blocks go to transformers only.
     """
+    if config.mlp == "none":
+        raise UsageError(f"this run is attention-only (--mlp none), and the GPT-2, Llama and Qwen3 blocks of {target} "
+                         "all have an MLP: it has no equivalent there; export a run trained with an MLP")
     designs = dict(FAMILY_DESIGNS)
     if config.mlp == "relu2" and target == "transformers":
         # GPT-2's config names its activation: relu2 is one transformers has.
