@@ -34,14 +34,18 @@ activation patching).
   where the two streams are equal (all before the first differing token) are 0 without a run.
 - Tracking during training (`lm train --track-heads`): at each evaluation, every head's previous-token
   score on the start of the validation text and its induction score (the detectors above, as `detect_heads`
-  computes them), and the in-context score of Olsson et al. (2022), "In-context Learning and Induction
-  Heads": the loss late in a window minus the loss early in it, averaged over the same validation windows
-  every time. Their definition (context 512 and longer) is the loss of the 500th token minus that of the
-  50th; here, for a context of T tokens, call the token predicted from the n tokens before it in its window
-  "token n" (n = 1..T): the score is the mean loss of tokens n >= 9T/10 (the window's last tenth) minus the
-  mean loss of tokens T/20 <= n < 3T/20 (a tenth of the window centred at T/10; token 1 alone when that
-  holds none), in nats. At T = 512: tokens 461-512 minus tokens 26-76. Negative: the model predicts
-  better with more context, and the score falls further when induction heads form.
+  computes them), and an in-context score after Olsson et al. (2022), "In-context Learning and Induction
+  Heads": how much lower the loss is late in a window than early in it. Theirs (contexts of 512 and more)
+  is the mean loss of the 500th token minus that of the 50th. Here, for a context of T tokens, the tokens
+  n = ⌈9T/10⌉..T of a validation window (the last tenth; token n is predicted from the n tokens before it)
+  are scored twice: with the whole window before them, and with only its last n - s tokens, s = ⌈9T/10⌉ -
+  ⌈T/20⌉, so from ⌈T/20⌉ to about 3T/20 tokens (a tenth of the window around T/10). The score is the first
+  mean loss minus the second, in nats, over the same IN_CONTEXT_WINDOWS validation windows every time. At
+  T = 512: tokens 461-512 predicted from 461-512 tokens, minus the same tokens from 26-77. Scoring the same
+  tokens both ways measures what Olsson et al.'s difference measures (the loss late in a context minus the
+  loss early in one) without the difference in how hard two sets of tokens are, which with a few thousand
+  tokens swamps it. Negative: the model predicts better with more context; it falls further as induction
+  heads form.
 """
 
 from __future__ import annotations
@@ -596,14 +600,11 @@ def _patch_heads(mask: torch.Tensor, clean: torch.Tensor) -> HeadEdit:
 IN_CONTEXT_WINDOWS = 32  # validation windows the in-context score averages over (fewer in a short text)
 
 
-def in_context_bands(context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks over a window's targets (index n - 1 predicts token n, from the n tokens before it):
-    early, T/20 <= n < 3T/20 (token 1 where none is), and late, n >= 9T/10; see the module docstring."""
-    n = torch.arange(1, context_length + 1)
-    early = (20 * n >= context_length) & (20 * n < 3 * context_length)
-    if not early.any():
-        early[0] = True
-    return early, 10 * n >= 9 * context_length
+def in_context_shift(context_length: int) -> tuple[int, int]:
+    """(first, shift): the tokens n = first..T (T = context_length) scored late, with n tokens before them, and
+    early, with n - shift; see the module docstring."""
+    first = math.ceil(9 * context_length / 10)
+    return first, first - math.ceil(context_length / 20)
 
 
 def in_context_windows(ids: torch.Tensor, context_length: int, count: int = IN_CONTEXT_WINDOWS) -> torch.Tensor:
@@ -618,21 +619,26 @@ def in_context_windows(ids: torch.Tensor, context_length: int, count: int = IN_C
     return torch.stack([ids[i * stride:i * stride + window] for i in range(count)]).long()
 
 
+def _late_losses(model: GPT, windows: torch.Tensor, scored: int) -> torch.Tensor:
+    """Per-token losses (windows, scored) of each window's last `scored` targets, from the whole window."""
+    logits, _ = model(windows[:, :-1], logits_from=windows.size(1) - 1 - scored)
+    return F.cross_entropy(logits.float().transpose(1, 2), windows[:, -scored:], reduction="none")
+
+
 @torch.inference_mode()
 def in_context_score(model: GPT, windows: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean loss (nats) late in the windows minus early in them (see `in_context_bands`), the model in its
-    current mode: windows (count, context_length + 1) ids, run `batch_size` at a time."""
+    """The mean loss (nats) of the windows' last tokens predicted from the whole window, minus that of the same
+    tokens predicted from the window's end only (see `in_context_shift`), the model in its current mode:
+    windows (count, context_length + 1) ids, run `batch_size` at a time."""
     device = next(model.parameters()).device
-    time = windows.size(1) - 1
-    totals = torch.zeros(time, dtype=torch.float64)
+    first, shift = in_context_shift(windows.size(1) - 1)
+    scored = windows.size(1) - first  # tokens first..T
+    late = early = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size].to(device)
-        logits, _ = model(chunk[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")
-        totals += losses.sum(dim=0).double().cpu()
-    per_token = totals / len(windows)
-    early, late = in_context_bands(time)
-    return (per_token[late].mean() - per_token[early].mean()).item()
+        late += _late_losses(model, chunk, scored).double().sum().item()
+        early += _late_losses(model, chunk[:, shift:], scored).double().sum().item()
+    return (late - early) / (len(windows) * scored)
 
 
 @dataclass

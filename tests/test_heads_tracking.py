@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lm import checkpoint, rundir
 from lm.config import ModelConfig, TrainConfig
 from lm.data import split_text, tokenize_split
 from lm.errors import InputError
-from lm.heads import detect_heads, in_context_bands, in_context_windows
+from lm.heads import detect_heads, in_context_score, in_context_shift, in_context_windows
 from lm.train import Evaluation, Trainer, TrainingSetup
 
 CONTEXT = 16
@@ -36,14 +37,17 @@ def flat(rows: list[list[float]]) -> list[float]:
 
 def expected(run: Path, val: torch.Tensor) -> tuple[list[list[float]], list[list[float]], float]:
     """The saved model's scores, computed here: detect_heads on the validation text's first window, and the
-    in-context score from plain per-token losses (tokens 15-16 minus tokens 1-2 at a context of 16)."""
+    in-context score from plain per-token losses (at a context of 16: tokens 15-16 of each window predicted
+    from the whole window, minus the same tokens predicted from the last 1-2 tokens before them)."""
     model, tokenizer, _ = checkpoint.load_run(run)
     detectors = detect_heads(model, tokenizer, tokenizer.decode(val[:CONTEXT - 1].tolist()))
     windows = in_context_windows(val, CONTEXT)
     with torch.no_grad():
-        logits, _ = model(windows[:, :-1])
-    losses = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(dim=0)
-    return detectors.previous_token, detectors.induction, (losses[14:16].mean() - losses[0:2].mean()).item()
+        whole, _ = model(windows[:, :-1])
+        end, _ = model(windows[:, 14:-1])  # ids 14 and 15 before tokens 15 and 16
+    late = F.cross_entropy(whole[:, 14:].transpose(1, 2), windows[:, 15:]).item()
+    early = F.cross_entropy(end.transpose(1, 2), windows[:, 15:]).item()
+    return detectors.previous_token, detectors.induction, late - early
 
 
 def test_scores_in_metrics_match_lm_heads_on_the_saved_model(sample_tokenizer, play_text: Path,
@@ -86,15 +90,29 @@ def test_off_by_default(sample_tokenizer, tmp_path: Path) -> None:
     assert records and not any({"previous_token", "induction", "in_context"} & r.keys() for r in records)
 
 
-def test_in_context_bands_scale_with_the_context() -> None:
-    early, late = in_context_bands(512)  # tokens 26-76 and 461-512 (index n - 1 predicts token n)
-    assert (early.nonzero().flatten() + 1).tolist() == list(range(26, 77))
-    assert (late.nonzero().flatten() + 1).tolist() == list(range(461, 513))
-    early, late = in_context_bands(128)
-    assert (early.nonzero().flatten() + 1).tolist() == list(range(7, 20))
-    assert (late.nonzero().flatten() + 1).tolist() == list(range(116, 129))
-    early, late = in_context_bands(4)  # no token n with 4/20 <= n < 12/20: token 1
-    assert early.tolist() == [True, False, False, False] and late.tolist() == [False, False, False, True]
+def test_the_in_context_score_compares_the_same_tokens_late_and_early() -> None:
+    assert in_context_shift(512) == (461, 435)  # tokens 461-512 from 461-512 tokens, then from 26-77
+    assert in_context_shift(128) == (116, 109)  # 116-128, then from 7-19
+    assert in_context_shift(16) == (15, 14)  # 15-16, then from 1-2
+
+    class Counter(torch.nn.Module):
+        """A stand-in model that gives token 1 the probability n / (n + 1) after n tokens of context: its loss on
+        token 1 is log((n + 1) / n), so the score is known."""
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def forward(self, ids: torch.Tensor, logits_from: int = 0):
+            n = torch.arange(1, ids.size(1) + 1, dtype=torch.float32)[logits_from:]
+            logits = torch.full((ids.size(0), len(n), 2), -1e9)
+            logits[..., 0] = 0.0
+            logits[..., 1] = torch.log(n)  # p(token 1) = n / (n + 1): loss log((n + 1) / n) on token 1
+            return logits, None
+
+    windows = torch.ones(3, 17, dtype=torch.long)  # every target is token 1; context 16
+    late = sum(math.log((n + 1) / n) for n in (15, 16)) / 2
+    early = sum(math.log((n + 1) / n) for n in (1, 2)) / 2
+    assert in_context_score(Counter(), windows, batch_size=2) == pytest.approx(late - early, rel=1e-5)
 
 
 def test_windows_spread_over_the_text_without_overlapping() -> None:
