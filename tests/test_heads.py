@@ -338,6 +338,22 @@ def test_cli_table_shows_ablation_detectors_and_attribution(heads_run) -> None:
     assert max(len(line) for line in out.splitlines()) <= 80  # nothing wrapped
 
 
+def test_cli_ablates_the_best_induction_head(heads_run) -> None:
+    import json
+
+    from conftest import run_lm
+
+    result = run_lm("inspect-heads", heads_run, "--text", TEXT, "--ablate", "induction", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    scores = data["detectors"]["induction"]
+    best = max((score, layer, head) for layer, row in enumerate(scores) for head, score in enumerate(row))
+    assert data["joint"]["heads"] == [[best[1], best[2]]]
+    assert data["joint"]["nats"] == pytest.approx(data["ablation"][best[1]][best[2]], abs=1e-6)  # it alone
+    table = run_lm("inspect-heads", heads_run, "--text", TEXT, "--ablate", "induction", env={"COLUMNS": "80"})
+    assert f"L{best[1]}.H{best[2]} ablated: " in table.stdout
+
+
 def test_cli_json_holds_the_ablation_table_and_the_parts(heads_run) -> None:
     import json
 
