@@ -274,12 +274,15 @@ static void rope(float *x, const float *cos_row, const float *sin_row, int64_t d
     }
 }
 
-/* x (batch, d_model) is updated in place; keys and values: this layer's cache, (batch, n_head, context,
-   d_head); cos_row and sin_row: the position's rotary angles (d_head), NULL without rotary positions.
+/* x (batch, d_model) is updated in place; keys and values: this layer's cache, (rows >= batch, n_head,
+   context, d_head), sample r in row r; positions (batch): where each sample's token goes (samples of one
+   batch may sit at different positions: a server's sequences do); rope_cos and rope_sin: the rotary
+   angles (context, d_head), NULL without rotary positions.
    work: batch * (6 * d_model + 2 * d_ff + n_head * context) floats; scratch (int8 layers' quantized
    activations): cpu_kernels.scratch_bytes(batch, max(d_model, d_ff)) bytes, 64-byte aligned. */
-static void block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, float *values, int64_t position,
-                       const float *cos_row, const float *sin_row, float *work, uint8_t *scratch) {
+static void block_step(const lm_block_t *b, float *x, int64_t batch, float *keys, float *values,
+                       const int64_t *positions, const float *rope_cos, const float *rope_sin, float *work,
+                       uint8_t *scratch) {
     const int64_t d = b->d_model, heads = b->n_head, dh = b->d_head, ff = b->d_ff, T = b->context;
     float *h = work, *qkv = h + batch * d, *attended = qkv + batch * 3 * d, *out = attended + batch * d;
     float *hidden = out + batch * d, *gate = hidden + batch * ff, *scores = gate + batch * ff;
@@ -290,14 +293,15 @@ static void block_step(const lm_block_t *b, float *x, int64_t batch, float *keys
     #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < batch * heads; task++) {
         const int64_t r = task / heads, head = task % heads;
+        const int64_t position = positions[r];
         float *q = qkv + r * 3 * d + head * dh, *k = q + d, *v = q + 2 * d;
         if (b->q_norm_weight) {
             rms_norm(q, q, dh, b->q_norm_weight, b->eps);
             rms_norm(k, k, dh, b->k_norm_weight, b->eps);
         }
-        if (cos_row) {
-            rope(q, cos_row, sin_row, dh);
-            rope(k, cos_row, sin_row, dh);
+        if (rope_cos) {
+            rope(q, rope_cos + position * dh, rope_sin + position * dh, dh);
+            rope(k, rope_cos + position * dh, rope_sin + position * dh, dh);
         }
         float *cached_keys = keys + (r * heads + head) * T * dh, *cached_values = values + (r * heads + head) * T * dh;
         memcpy(cached_keys + position * dh, k, (size_t)dh * sizeof(float));
@@ -343,24 +347,27 @@ static void block_step(const lm_block_t *b, float *x, int64_t batch, float *keys
 }
 
 /* One new token per sample through the whole model: embedding, every block, final norm, output head.
-   ids (batch); keys and values: the cache, (n_layer, batch, n_head, context, d_head); logits
-   (batch, vocab); x: batch * d_model floats of room; work and scratch as for block_step. Returns 0, or
-   1 without touching anything when an id is outside the vocabulary. */
-int lm_decode_token(const lm_model_t *m, const int64_t *ids, int64_t batch, float *keys, float *values,
-                    int64_t position, float *logits, float *x, float *work, uint8_t *scratch) {
-    const int64_t d = m->d_model, layer_floats = batch * m->n_head * m->context * m->d_head;
-    for (int64_t r = 0; r < batch; r++)
+   ids and positions (batch): each sample's token and the position it takes; keys and values: the cache,
+   (n_layer, cache_rows, n_head, context, d_head), sample r in row r (cache_rows >= batch: a server's
+   cache has a row for every slot, the active ones first); logits (batch, vocab); x: batch * d_model
+   floats of room; work and scratch as for block_step. Returns 0; without touching anything, 1 when an
+   id is outside the vocabulary, 2 when a position is outside the context. */
+int lm_decode_token(const lm_model_t *m, const int64_t *ids, const int64_t *positions, int64_t batch,
+                    int64_t cache_rows, float *keys, float *values, float *logits, float *x, float *work,
+                    uint8_t *scratch) {
+    const int64_t d = m->d_model, layer_floats = cache_rows * m->n_head * m->context * m->d_head;
+    for (int64_t r = 0; r < batch; r++) {
         if (ids[r] < 0 || ids[r] >= m->vocab) return 1;
+        if (positions[r] < 0 || positions[r] >= m->context) return 2;
+    }
     for (int64_t r = 0; r < batch; r++) {
         memcpy(x + r * d, m->token_embedding + ids[r] * d, (size_t)d * sizeof(float));
         if (m->position_embedding)
-            for (int64_t i = 0; i < d; i++) x[r * d + i] += m->position_embedding[position * d + i];
+            for (int64_t i = 0; i < d; i++) x[r * d + i] += m->position_embedding[positions[r] * d + i];
     }
-    const float *cos_row = m->rope_cos ? m->rope_cos + position * m->d_head : NULL;
-    const float *sin_row = m->rope_sin ? m->rope_sin + position * m->d_head : NULL;
     for (int64_t layer = 0; layer < m->n_layer; layer++)
         block_step(&m->blocks[layer], x, batch, keys + layer * layer_floats, values + layer * layer_floats,
-                   position, cos_row, sin_row, work, scratch);
+                   positions, m->rope_cos, m->rope_sin, work, scratch);
     float *h = work;
     for (int64_t r = 0; r < batch; r++) {
         if (m->norm == 1) rms_norm(x + r * d, h + r * d, d, m->norm_weight, m->eps);

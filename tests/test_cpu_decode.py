@@ -209,3 +209,31 @@ def test_generate_decodes_with_the_measured_build_and_says_which(measured_builds
                                                       stats=stats)]
     assert stats.kernels == "lm's C kernels (portable)"
     assert tokens == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_at_different_positions_decode_as_each_alone(family: str) -> None:
+    """step_at: a server's batch, each row at its own position, in a static cache with spare rows."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, context_length=16, n_layer=2, n_head=2, d_model=40, **FAMILIES[family])
+    model = prepare_for_generation(GPT(config))
+    decoder = cpu_decoder_for(model)
+    lengths = [3, 9]  # tokens each row has read; its next token goes at that position
+    ids = torch.randint(0, 61, (2, 10))
+    shared = KVCache(config, 3, static=True)  # a third, idle row: the kernel must leave it alone
+    shared.keys[:, 2] = 7.0
+    with torch.inference_mode():
+        for row, length in enumerate(lengths):
+            view = shared.view(slice(row, row + 1), length)
+            view.positions = torch.arange(length)
+            model(ids[row:row + 1, :length], cache=view)
+        logits = decoder.step_at(torch.stack([ids[r, n] for r, n in enumerate(lengths)])[:, None], shared,
+                                 torch.tensor(lengths))
+        for row, length in enumerate(lengths):
+            alone = model(ids[row:row + 1, :length + 1])[0][:, -1]
+            torch.testing.assert_close(logits[row:row + 1], alone, atol=2e-5, rtol=1e-5)
+    assert (shared.keys[:, 2] == 7.0).all()
+    with pytest.raises(ValueError, match="context length"):
+        decoder.step_at(ids[:, :1], shared, torch.tensor([3, 16]))
+    with pytest.raises(ValueError, match="fewer than the batch"):
+        decoder.step_at(torch.zeros(4, 1, dtype=torch.long), shared, torch.zeros(4))
