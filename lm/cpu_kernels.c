@@ -157,6 +157,40 @@ static void dot4_u8_s8(const uint8_t *xu, const int8_t *w, int64_t k, int32_t ou
     out[2] = _mm512_reduce_add_epi32(a2); out[3] = _mm512_reduce_add_epi32(a3);
 }
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+static float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* Four weight rows against two activation rows: each load of w serves two rows of x, each load of x
+   four rows of w (8 accumulators, 2 x vectors and a w vector: 11 of AVX2's 16 registers). */
+static void dot4x2_f32(const float *x0, const float *x1, const float *w, int64_t k, float out0[4], float out1[4]) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a02 = _mm256_setzero_ps(), a03 = _mm256_setzero_ps();
+    __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
+        __m256 wv = _mm256_loadu_ps(w + i);
+        a00 = _mm256_fmadd_ps(u, wv, a00); a10 = _mm256_fmadd_ps(v, wv, a10);
+        wv = _mm256_loadu_ps(w + k + i);
+        a01 = _mm256_fmadd_ps(u, wv, a01); a11 = _mm256_fmadd_ps(v, wv, a11);
+        wv = _mm256_loadu_ps(w + 2 * k + i);
+        a02 = _mm256_fmadd_ps(u, wv, a02); a12 = _mm256_fmadd_ps(v, wv, a12);
+        wv = _mm256_loadu_ps(w + 3 * k + i);
+        a03 = _mm256_fmadd_ps(u, wv, a03); a13 = _mm256_fmadd_ps(v, wv, a13);
+    }
+    out0[0] = sum8(a00); out0[1] = sum8(a01); out0[2] = sum8(a02); out0[3] = sum8(a03);
+    out1[0] = sum8(a10); out1[1] = sum8(a11); out1[2] = sum8(a12); out1[3] = sum8(a13);
+    for (; i < k; i++)
+        for (int q = 0; q < 4; q++) { out0[q] += x0[i] * w[q * k + i]; out1[q] += x1[i] * w[q * k + i]; }
+}
+
+#define LM_DOT4X2_F32 1
+#define TILE_ROWS 8
+#endif
 #if defined(__AVX512F__)
 static void dot4_f32(const float *x, const float *w, int64_t k, float out[4]) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -194,6 +228,31 @@ static float quantize_row(const float *x, uint8_t *out, int64_t k, int64_t padde
 void lm_linear(const lm_linear_t *layer, const float *x, float *y, int64_t m, uint8_t *scratch) {
     const int64_t n = layer->out, k = layer->in;
     if (layer->weight != NULL) {
+#if defined(LM_DOT4X2_F32)
+        /* A server's full batch: tiles of 4 weight rows x 2 activation rows, which took 0.73x the time of
+           the loop below at m = 8 over a 12 x 768 model's products on a Zen 4 (37.7 against 51.5 ms, one
+           thread). Below TILE_ROWS the loop below, which reads each weight row in order, was as fast or
+           faster (the tiles read four rows at once, 3 KB apart, which the prefetchers follow worse). */
+        if (m >= TILE_ROWS && n % 4 == 0) {
+            #pragma omp parallel for schedule(static)
+            for (int64_t j = 0; j < n; j += 4) {
+                float d0[4], d1[4];
+                int64_t r = 0;
+                for (; r + 2 <= m; r += 2) {
+                    dot4x2_f32(x + r * k, x + (r + 1) * k, layer->weight + j * k, k, d0, d1);
+                    for (int q = 0; q < 4; q++) {
+                        y[r * n + j + q] = d0[q] + (layer->bias ? layer->bias[j + q] : 0.0f);
+                        y[(r + 1) * n + j + q] = d1[q] + (layer->bias ? layer->bias[j + q] : 0.0f);
+                    }
+                }
+                if (r < m) { /* an odd row out pairs with itself: faster than four single dot products */
+                    dot4x2_f32(x + r * k, x + r * k, layer->weight + j * k, k, d0, d1);
+                    for (int q = 0; q < 4; q++) y[r * n + j + q] = d0[q] + (layer->bias ? layer->bias[j + q] : 0.0f);
+                }
+            }
+            return;
+        }
+#endif
 #if defined(__AVX512F__)
         if (m == 1 && n % 4 == 0) {
             #pragma omp parallel for schedule(static)

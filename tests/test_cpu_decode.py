@@ -90,7 +90,9 @@ def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, na
         dense.weight.copy_(torch.randn(36, 200, generator=generator))
     quantized = Int8Linear(dense)
     float_spec = cpu_kernels.LinearSpec(dense.weight.data_ptr(), None, None, None, dense.bias.data_ptr(), 200, 36, 200)
-    for rows in (1, 3):  # one row takes the four-rows-per-pass path, several rows the other
+    # One row takes the one-row paths; 3 rows the row-by-row loop; 8 and 9 the AVX2 build's tiles of two
+    # activation rows (9: an odd row out).
+    for rows in (1, 3, 8, 9):
         x = torch.randn(rows, 200, generator=generator)
         for spec, exact in ((quantized.spec(), True), (float_spec, False)):
             outputs = []
@@ -102,6 +104,8 @@ def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, na
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
             else:
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-4)
+                with torch.no_grad():
+                    torch.testing.assert_close(outputs[1], dense(x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_model_quantized_after_decoding_gets_a_new_decoder_and_copies_are_plain() -> None:
