@@ -1,5 +1,6 @@
-"""The attention explorer page (`lm inspect-attention --save FILE.html`): its data, its size, and how it
-behaves in a real browser (headless Chromium, skipped with a notice where none is installed).
+"""The attention explorer page (`lm inspect-attention --save FILE.html`, and `lm inspect-heads --save`, which
+adds the heads' effects): its data, its size, and how it behaves in a real browser (headless Chromium,
+skipped with a notice where none is installed).
 
 Screenshots of each view go to $LM_SCREENSHOT_DIR when it is set (the README's come from
 `LM_SCREENSHOT_RUN=runs/demo LM_SCREENSHOT_DIR=docs/images pytest tests/test_page.py -k screenshots`),
