@@ -299,6 +299,8 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, sequences: Sequence[_Sequence]) -> list[int]:
         """The next token of each row: greedy rows by one argmax, sampled rows each with its own generator."""
         greedy = [row for row, s in enumerate(sequences) if s.request.sampling.greedy]
+        if len(greedy) == len(sequences):  # what sample_next does for greedy rows, without its copies
+            return logits.argmax(dim=-1).tolist()
         tokens = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
         if greedy:
             tokens[greedy] = sample_next(logits[greedy], sequences[greedy[0]].request.sampling)
