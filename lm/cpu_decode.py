@@ -21,6 +21,7 @@ from torch import nn
 from lm import cpu_kernels
 from lm.cpu_kernels import BlockSpec, LinearSpec, ModelSpec
 from lm.int8 import Int8Linear
+from lm.loss import soft_cap
 from lm.model import GPT, KVCache
 
 MLP_KINDS = {"gelu": 0, "swiglu": 1, "relu2": 2}
@@ -111,7 +112,10 @@ class CpuDecoder:
         linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
         float32 = all(isinstance(m, Int8Linear) or (m.weight.dtype == torch.float32 and m.weight.is_contiguous())
                       for m in linears)
-        return (param.device.type == "cpu" and param.dtype == torch.float32 and float32
+        # The kernels compute today's block; of the speedrun's techniques only the logit cap (applied to the
+        # kernels' logits here) is theirs: a model using any other decodes with PyTorch (GPT.decode_step).
+        techniques = [t for t in model.config.techniques() if t != "--logit-softcap"]
+        return (param.device.type == "cpu" and param.dtype == torch.float32 and float32 and not techniques
                 and model.tok_emb.weight.is_contiguous()
                 and all(type(m) in (nn.Linear, Int8Linear) for m in linears)
                 and model.config.mlp in MLP_KINDS and not model.training and cpu_kernels.load() is not None)
@@ -166,7 +170,7 @@ class CpuDecoder:
         if failed == 2:
             raise ValueError(f"positions {positions.tolist()} must be in [0, {config.context_length}), "
                              "the context length")
-        return logits
+        return soft_cap(logits, config.logit_softcap) if config.logit_softcap else logits
 
     def _buffers(self, batch: int) -> tuple[int, int, int]:
         """Addresses of the kernel's work floats, its int8 scratch, and room for the residual stream."""

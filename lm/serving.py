@@ -357,9 +357,7 @@ class Scheduler:
 
     def _move_row(self, source: int, target: int) -> None:
         """Copy the filled positions of cache row `source` into row `target`."""
-        filled = self._active[source].position
-        self.cache.keys[:, target, :, :filled] = self.cache.keys[:, source, :, :filled]
-        self.cache.values[:, target, :, :filled] = self.cache.values[:, source, :, :filled]
+        self.cache.copy_row(source, target, self._active[source].position)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
