@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -10,13 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_decodings_agree, assert_one_line_error, random_weights, record_draws, run_lm, write_run
+from conftest import (
+    SAMPLE,
+    assert_decodings_agree,
+    assert_one_line_error,
+    random_weights,
+    record_draws,
+    run_lm,
+    write_run,
+)
 
-from lm import cpu_kernels
+from lm import cpu_kernels, rundir
+from lm.checkpoint import load_run
 from lm.config import ModelConfig, TrainConfig, check_resume_keeps, check_together
 from lm.cpu_decode import CpuDecoder, cpu_decoder_for
 from lm.errors import UsageError
 from lm.generate import CompiledDecoder, generate_tokens, prepare_for_generation
+from lm.gguf import gguf_tensors
 from lm.hf import UNEXPORTABLE, family, fold_qk_gain
 from lm.loss import head_cross_entropy, soft_cap
 from lm.model import GPT, NO_TOKEN, KVCache, bigram_buckets, has_value_embedding
@@ -225,10 +236,10 @@ def test_sampled_and_compiled_decoding_agree_with_every_technique(monkeypatch) -
     model = varied(GPT(config(**QWEN3, **EVERY_TECHNIQUE)))
     sampling = SamplingConfig(temperature=1.0, top_k=0)
     draws = record_draws(monkeypatch)
-    plain = list(generate_tokens(model, [3, 4], 30, sampling, num_samples=2, seed=5, use_cache=False))
-    cached = list(generate_tokens(model, [3, 4], 30, sampling, num_samples=2, seed=5))
+    plain = list(generate_tokens(model, [3, 4], 16, sampling, num_samples=2, seed=5, use_cache=False))
+    cached = list(generate_tokens(model, [3, 4], 16, sampling, num_samples=2, seed=5))
     assert_decodings_agree(plain, cached, **LOGITS_TOLERANCE, sampling=sampling, draws=draws)
-    static = list(generate_tokens(model, [3, 4], 30, sampling, num_samples=2, seed=5,
+    static = list(generate_tokens(model, [3, 4], 16, sampling, num_samples=2, seed=5,
                                   decoder=CompiledDecoder(model, 2, compile=False)))
     assert_decodings_agree(cached, static, **LOGITS_TOLERANCE, sampling=sampling, draws=draws)
 
@@ -385,14 +396,10 @@ def test_sharper_attention_exports_to_qwen3_with_the_same_logits(sample_tokenize
     result = run_lm("export", run, "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    from lm.checkpoint import load_run
-
     model = load_run(run)[0]
     ids = torch.randint(0, sample_tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
-    from lm.gguf import gguf_tensors
-
     state = model.state_dict()
     tensors = gguf_tensors(state, model.config)
     torch.testing.assert_close(tensors["blk.1.attn_k_norm.weight"], state["blocks.1.attn.k_norm.weight"] * 1.3)
@@ -411,3 +418,43 @@ def test_config_errors_name_the_option() -> None:
         with pytest.raises(UsageError, match=message):
             TrainConfig(**changes).validate()
     assert math.isclose(soft_cap(torch.tensor(1e6), 15.0).item(), 15.0)
+
+
+# lm train, end to end --------------------------------------------------------------------------
+
+EVERY_OPTION = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias", "--qk-norm",
+                "--no-tie-embeddings", "--residual-scalars", "--logit-softcap", "15", "--value-embeddings", "--smear",
+                "--bigram-buckets", "64", "--qk-gain", "1.2", "--head-init-std", "0.001", "--zero-init-proj",
+                "--optimizer", "muon", "--warmdown", "0.5", "--warmdown-shape", "1-sqrt", "--muon-cautious-wd",
+                "--adam-eps", "1e-10", "--embed-lr-scale", "5", "--head-lr-scale", "0.5", "--scalar-lr-scale", "2",
+                "--ema-decay", "0.9"]
+SMALL = ["-T", "16", "--n-layer", "2", "--n-head", "2", "--d-model", "16", "-B", "4", "--vocab-size", "300",
+         "--eval-every", "6", "--log-every", "3", "--sample-tokens", "4", "--device", "cpu"]
+
+
+def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tmp_path: Path) -> None:
+    text = SAMPLE.read_text(encoding="utf-8")
+    cut = text.index("\n", len(text) * 9 // 10) + 1
+    (tmp_path / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (tmp_path / "val.txt").write_text(text[cut:], encoding="utf-8")
+    run = tmp_path / "run"
+    result = run_lm("train", tmp_path / "train.txt", "--val", tmp_path / "val.txt", "--out", run, "--max-steps", "6",
+                    *SMALL, *EVERY_OPTION)
+    assert result.returncode == 0, result.stderr
+    saved = rundir.read_config(run)
+    assert saved.model.techniques() == ["--residual-scalars", "--logit-softcap", "--value-embeddings", "--smear",
+                                        "--bigram-buckets", "--qk-gain"]
+    assert (saved.train.ema_decay, saved.train.warmdown_shape, saved.train.adam_eps) == (0.9, "1-sqrt", 1e-10)
+    final = [r for r in rundir.read_metrics(run) if "val_loss" in r][-1]
+    # The held-out text scored from the saved weights (the average) gives what the run's last evaluation did.
+    scored = run_lm("eval", run, "--text", tmp_path / "val.txt", "--format", "json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["runs"][0]["total"]["loss"] == pytest.approx(final["val_loss"], abs=1e-5)
+    generated = run_lm("generate", run, "--max-new-tokens", "5", "--seed", "1")
+    assert generated.returncode == 0, generated.stderr
+    assert_one_line_error(run_lm("export", run, "--format", "gguf", "--out", tmp_path / "m.gguf"),
+                          "cannot export to llama.cpp", "residual scalars")
+    assert_one_line_error(run_lm("train", "--out", run, "--resume", "--ema-decay", "0.5"),
+                          "--resume keeps --ema-decay")
+    assert_one_line_error(run_lm("train", SAMPLE, "--out", tmp_path / "other", "--head-lr-scale", "2"),
+                          "--head-lr-scale needs its own output head")
