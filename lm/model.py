@@ -249,7 +249,7 @@ class Attention(nn.Module):
         batch, time = ids.shape
         gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # (batch, time, heads)
         table = self.value_emb(ids).view(batch, time, self.n_head, self.d_head)
-        return v + (gate.unsqueeze(-1) * table).transpose(1, 2)
+        return v + (gate.unsqueeze(-1) * table).transpose(1, 2).to(v.dtype)  # under autocast: v's precision
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,

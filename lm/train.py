@@ -155,10 +155,9 @@ def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per matrix weight (forward + backward) plus attention's score products."""
     config = model.config
     matmul_params = model.num_parameters()
-    if config.pos_encoding == "learned":
-        matmul_params -= model.pos_emb.weight.numel()
-    if not config.tie_embeddings:
-        matmul_params -= model.tok_emb.weight.numel()  # a lookup, not a product
+    for table in model.lookup_tables():  # positions, value and bigram tables, an untied embedding: lookups
+        if table is not model.lm_head.weight:
+            matmul_params -= table.numel()
     return 6 * matmul_params + 12 * config.n_layer * config.d_model * config.context_length
 
 
