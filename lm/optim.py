@@ -141,9 +141,10 @@ class BatchedMuon(torch.optim.Muon):
             momentum = group["momentum"]
             torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, momentum_buffers, momentum) if group["nesterov"] else momentum_buffers
-            # Off the CPU (cautious decay only) in bfloat16, as torch.optim.Muon's own iterations run.
-            precision = None if on_cpu else (lambda *_: torch.bfloat16)
-            orthogonal = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"], precision)
+            orthogonal = (newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"]) if on_cpu
+                          # off the CPU (cautious decay only) in bfloat16, as torch.optim.Muon's own iterations run
+                          else newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                             lambda *_: torch.bfloat16))
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
             if self.cautious_weight_decay:
                 for param, update in zip(with_grad, orthogonal, strict=True):
