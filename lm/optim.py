@@ -286,11 +286,14 @@ def muon_weight_decay_at(step: int, config: TrainConfig, progress: float | None 
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights: after each step, avg ← avg + (1 - decay)(w - avg).
+    """An exponential moving average of a model's weights: after each step, avg ← avg + (1 - d)(w - avg).
 
     Averaging the last few hundred steps' weights smooths out the noise of the latest ones, which helps
-    most when a run sees its data several times. `swapped_in` lends the average to the model (for
-    evaluation and saving) and puts the trained weights back.
+    most when a run sees its data several times. The decay d of the n-th update is min(decay,
+    (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with num_updates): with `decay` alone the
+    random starting weights would still weigh 0.99^100 = 37% after 100 steps at 0.99, so a short run's
+    average would be mostly its start. `swapped_in` lends the average to the model (for evaluation and
+    saving) and puts the trained weights back.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -300,8 +303,10 @@ class WeightAverage:
         self.average = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+    def update(self, count: int) -> None:
+        """Take in the weights after the `count`-th step (1 for the first)."""
+        decay = min(self.decay, (1 + count) / (10 + count))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
 
     def load(self, named: dict[str, torch.Tensor]) -> None:
         """Take the average from `named` tensors (a saved state dict's), by parameter name."""

@@ -281,7 +281,7 @@ class Trainer:
             total += loss.detach()
         self._step_optimizers()
         if self.average is not None:
-            self.average.update()
+            self.average.update(self.step + 1)
         return total
 
     def _step_optimizers(self) -> None:

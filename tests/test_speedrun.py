@@ -354,12 +354,12 @@ def test_the_weight_average_is_the_exponential_moving_average_and_lends_itself()
     average = WeightAverage(model, decay=0.9)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     expected = dict(start)
-    for _ in range(3):
+    for count, decay in ((1, 2 / 11), (2, 3 / 12), (100, 0.9), (101, 0.9)):  # ramped up to the decay asked for
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        average.update()
-        expected = {n: 0.9 * expected[n] + 0.1 * p.detach() for n, p in model.named_parameters()}
+        average.update(count)
+        expected = {n: decay * expected[n] + (1 - decay) * p.detach() for n, p in model.named_parameters()}
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     with average.swapped_in():
         for name, p in model.named_parameters():
