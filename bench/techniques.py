@@ -1,6 +1,6 @@
 """Benchmark: the training step of a preset with each of the speedrun's techniques on, against it without.
 
-    python bench/techniques.py [--preset tiny] [--rounds 4] [--steps 6] [--only NAME ...]
+    python bench/techniques.py [--preset tiny] [--rounds 8] [--steps 3] [--threads N] [--only NAME ...]
 
 A step is what `lm train` does per step (lm/train.py): forward with the fused loss, backward, gradient
 clipping, the optimizers' steps and, where on, the weights' average; on random token ids of the
@@ -30,6 +30,7 @@ from lm.optim import WeightAverage, make_optimizers, muon_weight_decay_at, set_l
 # name -> (model options, training options), as lm train takes them (fields of ModelConfig, TrainConfig).
 TECHNIQUES: dict[str, tuple[dict, dict]] = {
     "defaults (the preset)": ({}, {}),
+    "defaults again (the noise floor)": ({}, {}),  # the same step: how far apart two identical ones time here
     "residual scalars": ({"residual_scalars": True}, {}),
     "logit softcap 15": ({"logit_softcap": 15.0}, {}),
     "value embeddings": ({"value_embeddings": True}, {}),
@@ -87,10 +88,14 @@ def training_step(preset_name: str, model_options: dict, train_options: dict) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="techniques to time (the preset always runs)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: PyTorch's; 1 is steadier on a busy "
+                                                    "machine, where threads wait for each other)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = ["defaults (the preset)", *[n for n in (args.only or TECHNIQUES) if n != "defaults (the preset)"]]
     steps = {name: training_step(args.preset, *TECHNIQUES[name]) for name in names}
     for run in steps.values():  # first steps pay for measurements (lm/linear.py, lm/optim.py) and allocation
