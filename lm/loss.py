@@ -38,18 +38,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # The three products by the kernel lm/linear.py measured faster for this shape on this CPU.
         kernel = kernel_for(hidden.size(0), weight.size(1), weight.size(0), training=True)
         logits = forward_product(hidden, weight, kernel)
-        squashed = None
+        gates = None
         if softcap:
-            # tanh(z / c), in place; the capped logits are c times it, and d(c·tanh(z/c))/dz = 1 - tanh²(z/c).
-            squashed = logits.div_(softcap).tanh_()
-            logits = squashed * softcap
+            # c·tanh(z/c) = 2c·σ(2z/c) - c, and a softmax does not see the constant: the loss is that of
+            # 2c·σ(2z/c) (modded-nanogpt's form). PyTorch's sigmoid is much faster than its tanh on a CPU:
+            # 7 against 46 ms over the tiny preset's 2048 x 8192 logits on one thread (measured).
+            gates = logits.mul_(2.0 / softcap).sigmoid_()
+            logits = gates * (2.0 * softcap)
         log_probs = torch.log_softmax(logits, dim=-1)
+        del logits
         rows = torch.arange(targets.numel(), device=targets.device)
         loss = -log_probs[rows, targets].mean()
         grad_logits = log_probs.exp_()  # softmax, in place: the log probabilities are not needed again
         grad_logits[rows, targets] -= 1.0
-        if squashed is not None:
-            grad_logits.mul_(squashed.square_().neg_().add_(1.0))  # through the cap: the chain rule's factor
+        if gates is not None:  # through the cap: d(2c·σ(2z/c))/dz = 4σ(1 - σ); the 4 joins the final scale
+            grad_logits = torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gates, grad_input=grad_logits)
+        ctx.chain = 4.0 if softcap else 1.0
         ctx.save_for_backward(*backward_products(grad_logits, hidden, weight, kernel, ctx.needs_input_grad[0],
                                                  ctx.needs_input_grad[1]))
         ctx.count = targets.numel()
@@ -58,7 +62,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.count
+        scale = grad_loss * ctx.chain / ctx.count
         return (grad_hidden * scale if grad_hidden is not None else None,
                 grad_weight * scale if grad_weight is not None else None, None, None)
 
