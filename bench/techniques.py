@@ -3,7 +3,8 @@
     python bench/techniques.py [--preset tiny] [--rounds 8] [--steps 3] [--threads N] [--only NAME ...]
 
 A step is what `lm train` does per step (lm/train.py): forward with the fused loss, backward, gradient
-clipping, the optimizers' steps and, where on, the weights' average; on random token ids of the
+clipping, the optimizers' steps and, where on, the weights' average, with lm train's malloc setting
+(lm.device.keep_freed_memory); on random token ids of the
 preset's batch and context (what the arithmetic costs does not depend on the text). Each technique
 is one recipe of bench/sweep.py's sweep 11 (the same options). Blocks of `--steps` steps run in turn,
 every recipe once per round after the preset itself, so a machine whose speed drifts hits all alike;
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm.config import check_together, preset, with_overrides
+from lm.device import keep_freed_memory
 from lm.model import GPT
 from lm.optim import WeightAverage, make_optimizers, muon_weight_decay_at, set_lr, set_muon_weight_decay
 
@@ -96,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as lm train does: every recipe in this process alike
     names = ["defaults (the preset)", *[n for n in (args.only or TECHNIQUES) if n != "defaults (the preset)"]]
     steps = {name: training_step(args.preset, *TECHNIQUES[name]) for name in names}
     for run in steps.values():  # first steps pay for measurements (lm/linear.py, lm/optim.py) and allocation

@@ -458,3 +458,16 @@ def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tm
                           "--resume keeps --ema-decay")
     assert_one_line_error(run_lm("train", SAMPLE, "--out", tmp_path / "other", "--head-lr-scale", "2"),
                           "--head-lr-scale needs its own output head")
+
+
+def test_head_ablation_attribution_and_patching_refuse_a_forward_they_would_not_follow(sample_tokenizer) -> None:
+    from lm.heads import ablate_heads, attribute_logit, patch_activations
+
+    model = GPT(config(vocab_size=sample_tokenizer.vocab_size, smear=True, logit_softcap=15.0)).eval()
+    for run in (lambda: ablate_heads(model, sample_tokenizer, "To be or not"),
+                lambda: attribute_logit(model, sample_tokenizer, "To be or not"),
+                lambda: patch_activations(model, sample_tokenizer, "To be or not", "To go or not")):
+        with pytest.raises(UsageError, match="this run uses --logit-softcap, --smear, which it does not follow"):
+            run()
+    sharp = GPT(config(vocab_size=sample_tokenizer.vocab_size, qk_gain=1.2, **QWEN3)).eval()
+    assert attribute_logit(sharp, sample_tokenizer, "To be or not").parts  # the gain lives inside attention
