@@ -7,9 +7,10 @@ clipping, the optimizers' steps and, where on, the weights' average, with lm tra
 (lm.device.keep_freed_memory); on random token ids of the
 preset's batch and context (what the arithmetic costs does not depend on the text). Each technique
 is one recipe of bench/sweep.py's sweep 11 (the same options). Blocks of `--steps` steps run in turn,
-every recipe once per round after the preset itself, so a machine whose speed drifts hits all alike;
-each recipe's time is the median of its blocks, its ratio the median of its per-round ratios to the
-preset's block of the same round.
+every recipe once per round, each round starting one recipe later, so a machine whose speed drifts
+hits all alike; each recipe's time is the median of its blocks, its ratio the median of its per-round
+ratios to the preset's block of the same round. The preset is timed twice: the second row's ratio
+shows how far apart two identical steps time on this machine now.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def main() -> None:
         for _ in range(3):
             run()
     blocks: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, run in steps.items():
+    for round_ in range(args.rounds):
+        # Each round starts one recipe later: no recipe keeps the place after (or before) any other.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            run = steps[name]
             started = time.perf_counter()
             for _ in range(args.steps):
                 run()
