@@ -21,7 +21,8 @@ def command(
         metavar="RUN_DIR...", show_default=False, help="One or more run directories written by `lm train`.")],
     plot: Annotated[bool, typer.Option(
         "--plot", help="Draw validation bits per byte and training loss against time and tokens seen, every run "
-                       "overlaid.")] = False,
+                       "overlaid; for runs trained with --track-heads also the best previous-token and induction "
+                       "scores and the in-context score against steps.")] = False,
     save: Annotated[Path | None, typer.Option(
         "--save", metavar="FILE.svg", show_default=False, help="Write the same charts to FILE.svg.")] = None,
 ) -> None:
@@ -68,10 +69,16 @@ def _charts(curves: list[LearningCurves]) -> list[Chart]:
     def chart(title: str, x_label: str, x: str, y: str, x_format: Callable[[float], str]) -> Chart:
         return Chart(title, x_label, [Series(c.name, getattr(c, x), getattr(c, y)) for c in curves], x_format)
 
-    return [chart("validation bits per byte", "wall-clock time", "val_time_s", "val_bpb", duration),
-            chart("validation bits per byte", "tokens seen", "val_tokens", "val_bpb", count),
-            chart("training loss (nats per token)", "wall-clock time", "time_s", "loss", duration),
-            chart("training loss (nats per token)", "tokens seen", "tokens", "loss", count)]
+    charts = [chart("validation bits per byte", "wall-clock time", "val_time_s", "val_bpb", duration),
+              chart("validation bits per byte", "tokens seen", "val_tokens", "val_bpb", count),
+              chart("training loss (nats per token)", "wall-clock time", "time_s", "loss", duration),
+              chart("training loss (nats per token)", "tokens seen", "tokens", "loss", count)]
+    if any(c.head_steps for c in curves):  # --track-heads: how the circuits form, against steps
+        charts += [chart("best previous-token score (max over heads)", "steps", "head_steps", "previous_token", count),
+                   chart("best induction score (max over heads)", "steps", "head_steps", "induction", count),
+                   chart("in-context score (nats: late minus early loss)", "steps", "head_steps", "in_context",
+                         count)]
+    return charts
 
 
 def _draw(curves: list[LearningCurves], width: int) -> None:

@@ -30,6 +30,7 @@ PATCHING = "Patching"
 PATCH_CELL = 3  # a recovered share in percent: "100", " 42", "-17"; 19 positions fit 80 columns
 PAGE_WIDTH = 80
 OUTPUT = "Output"
+INDUCTION = "induction"  # --ablate induction: the head the induction detector scores highest
 
 
 def command(
@@ -45,7 +46,7 @@ def command(
     ablate: Annotated[str | None, typer.Option(
         "--ablate", metavar="HEADS", rich_help_panel=ABLATION, show_default=False,
         help="Also ablate these heads together, LAYER.HEAD separated by commas (e.g. 1.3,2.0): their joint "
-             "effect.")] = None,
+             "effect. `induction`: the head with the highest induction score.")] = None,
     top: Annotated[int, typer.Option(
         "--top", metavar="N", rich_help_panel=ABLATION,
         help="List the N heads that matter most, each with the tokens it helps most.")] = 5,
@@ -122,11 +123,13 @@ def command(
 
     model, tokenizer, _ = load_run(run_dir)
     model.eval()
-    joint = parse_heads(ablate, model) if ablate is not None else None
+    joint = parse_heads(ablate, model) if ablate is not None and ablate.strip() != INDUCTION else None
     target_id = _token_id(tokenizer, target, "--target")
     versus_id = _token_id(tokenizer, versus, "--versus")
-    result = ablate_heads(model, tokenizer, text, ablation, joint)
     detectors = detect_heads(model, tokenizer, text)
+    if ablate is not None and joint is None:
+        joint = [_best_induction_head(detectors)]
+    result = ablate_heads(model, tokenizer, text, ablation, joint)
     attribution = attribute_logit(model, tokenizer, text, position, target_id, versus_id)
     patching = None if compare is None else patch_activations(model, tokenizer, text, compare, target_id, versus_id)
     data = _json(text, result, detectors, attribution, tokenizer, top)
@@ -156,6 +159,13 @@ def command(
         from lm.cli.page import announce_page
 
         announce_page(save)
+
+
+def _best_induction_head(detectors: Detectors) -> tuple[int, int]:
+    """--ablate induction: the (layer, head) with the highest induction score."""
+    _, layer, head = max((score, layer, head) for layer, row in enumerate(detectors.induction)
+                         for head, score in enumerate(row))
+    return layer, head
 
 
 def _token_id(tokenizer: Tokenizer, word: str | None, option: str) -> int | None:
@@ -282,9 +292,11 @@ def _joint_line(result: Ablation) -> Text:
 
     assert result.joint is not None
     names = " + ".join(f"L{layer}.H{head}" for layer, head in result.joint_heads)
+    change = f"{result.joint.nats:+.4f} nats ({result.joint.bits_per_byte:+.4f} bits per byte)"
+    if len(set(result.joint_heads)) == 1:
+        return Text(f"{names} ablated: {change}", style="bold")
     alone = sum(result.heads[layer][head].nats for layer, head in set(result.joint_heads))
-    return Text(f"{names} ablated together: {result.joint.nats:+.4f} nats ({result.joint.bits_per_byte:+.4f} bits "
-                f"per byte); one at a time they sum to {alone:+.4f}", style="bold")
+    return Text(f"{names} ablated together: {change}; one at a time they sum to {alone:+.4f}", style="bold")
 
 
 def _bars(attribution: Attribution, result: Ablation, tokenizer: Tokenizer) -> list[Text]:

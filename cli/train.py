@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from lm.config import ModelConfig, TrainConfig
     from lm.data import Splits, TextSplit, TokenCorpus
     from lm.distributed import Distributed
+    from lm.heads import HeadTracking
     from lm.textfiles import TextFiles
     from lm.tokenizer import Tokenizer
     from lm.train import CpuChoices, Evaluation, Trainer, TrainOutcome, TrainUpdate
@@ -100,7 +101,8 @@ def command(
     norm: Annotated[str | None, typer.Option(
         "--norm", metavar="KIND", rich_help_panel=MODEL, help="layernorm | rmsnorm.")] = None,
     mlp: Annotated[str | None, typer.Option(
-        "--mlp", metavar="KIND", rich_help_panel=MODEL, help="gelu | swiglu | relu2 (ReLU squared).")] = None,
+        "--mlp", metavar="KIND", rich_help_panel=MODEL,
+        help="gelu | swiglu | relu2 (ReLU squared) | none (attention-only blocks: cannot be exported).")] = None,
     qk_norm: Annotated[bool | None, typer.Option(
         "--qk-norm/--no-qk-norm", rich_help_panel=MODEL, show_default=False,
         help="RMS-normalise each head's queries and keys (as Qwen3 does).")] = None,
@@ -204,6 +206,11 @@ def command(
         help="Tokens in the sample shown at each evaluation.")] = None,
     log_every: Annotated[int | None, typer.Option(
         "--log-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between lines in metrics.jsonl.")] = None,
+    track_heads: Annotated[bool | None, typer.Option(
+        "--track-heads/--no-track-heads", rich_help_panel=EVALUATION, show_default=False,
+        help="At each evaluation also record every head's previous-token and induction score and the in-context "
+             "score (loss late in a window minus early) in metrics.jsonl, for `lm info --plot` [default: off].")
+    ] = None,
     device: Annotated[str | None, typer.Option(
         "--device", metavar="DEV", rich_help_panel=HARDWARE, help="auto | cpu | cuda | mps.")] = None,
     dtype: Annotated[str | None, typer.Option(
@@ -239,10 +246,10 @@ def command(
                        "warmdown": warmdown, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
-                       "save_every": save_every, "sample_tokens": sample_tokens, "val_fraction": val_fraction,
-                       "seed": seed, "device": device, "dtype": dtype, "compile": compile, "fsdp": fsdp,
-                       "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd, "adam_eps": adam_eps,
-                       "embed_lr_scale": embed_lr_scale, "head_lr_scale": head_lr_scale,
+                       "save_every": save_every, "sample_tokens": sample_tokens, "track_heads": track_heads,
+                       "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
+                       "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
+                       "adam_eps": adam_eps, "embed_lr_scale": embed_lr_scale, "head_lr_scale": head_lr_scale,
                        "scalar_lr_scale": scalar_lr_scale, "ema_decay": ema_decay}
     # Everything that can be wrong is checked before anything is written or deleted.
     plan = _plan_run(out, paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
@@ -818,8 +825,21 @@ def _print_evaluation(console: Console, step: int, elapsed: float, evaluation: E
     train = f"train {evaluation.train_loss:.3f}  " if evaluation.train_loss is not None else ""
     console.print(f"step {step:>6,}  {train}val {evaluation.val_loss:.3f}  "
                   f"[bold]{evaluation.val_bpb:.3f} bits/byte[/]  {elapsed:,.0f} s")
+    if evaluation.heads is not None:
+        console.print("  " + _describe_heads(evaluation.heads), highlight=False)
     if evaluation.sample:
         console.print(Text("  " + evaluation.sample.strip().replace("\n", "\n  "), style="dim"))
+
+
+def _describe_heads(heads: HeadTracking) -> str:
+    """'best previous-token 0.62 (L1.H0), best induction 0.31 (L1.H3), in-context -0.52 nats'"""
+    def best(scores: list[list[float]]) -> str:
+        value, layer, head = max((score, layer, head) for layer, row in enumerate(scores)
+                                 for head, score in enumerate(row))
+        return f"{value:.2f} (L{layer}.H{head})"
+
+    return (f"best previous-token {best(heads.previous_token)}, best induction {best(heads.induction)}, "
+            f"in-context {heads.in_context:+.2f} nats")
 
 
 def _describe_end(outcome: TrainOutcome, out: Path) -> None:

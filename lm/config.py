@@ -16,7 +16,7 @@ from lm.errors import UsageError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "relu2")
+MLPS = ("gelu", "swiglu", "relu2", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
@@ -35,10 +35,10 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    d_ff: int = 0  # hidden width of the MLP; 0 picks 4 x d_model (GELU, ReLU²) or ~8/3 x d_model (SwiGLU)
+    d_ff: int = 0  # hidden width of the MLP; 0 picks 4 x d_model (GELU, ReLU²) or ~8/3 x d_model (SwiGLU); 0 with none
     pos_encoding: str = "learned"
     norm: str = "layernorm"
-    mlp: str = "gelu"  # gelu | swiglu | relu2 (ReLU squared)
+    mlp: str = "gelu"  # gelu | swiglu | relu2 (ReLU squared) | none (attention-only blocks)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before comparing them
     bias: bool = True
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
@@ -56,7 +56,7 @@ class ModelConfig:
     zero_init_projections: bool = False  # attention and MLP output projections start at zero
 
     def __post_init__(self) -> None:
-        if self.d_ff == 0:
+        if self.d_ff == 0 and self.mlp != "none":
             self.d_ff = _swiglu_width(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
 
     @property
@@ -68,9 +68,11 @@ class ModelConfig:
         _choice("--pos-encoding", self.pos_encoding, POS_ENCODINGS)
         _choice("--norm", self.norm, NORMS)
         _choice("--mlp", self.mlp, MLPS)
+        if self.mlp == "none" and self.d_ff:
+            raise UsageError(f"--d-ff {self.d_ff} sizes an MLP, and --mlp none builds blocks without one; drop --d-ff")
         for flag, value in (("--vocab-size", self.vocab_size), ("--context-length", self.context_length),
                             ("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--d-model", self.d_model),
-                            ("--d-ff", self.d_ff)):
+                            ("--d-ff", self.d_ff if self.mlp != "none" else 1)):
             if value < 1:
                 raise UsageError(f"{flag} must be a positive whole number, got {value}")
         if self.d_model % self.n_head:
@@ -140,6 +142,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0: save at each evaluation
     sample_tokens: int = 48
+    track_heads: bool = False  # record head detectors and the in-context score at each evaluation (lm.heads)
     val_fraction: float = 0.05
     seed: int = 1337
     device: str = "auto"

@@ -32,6 +32,20 @@ activation patching).
   The patched runs start at the patched layer from the corrupt run's stream (the blocks below are the
   same), one row per position or head, in groups of at most ACTIVATION_BUDGET stream values; positions
   where the two streams are equal (all before the first differing token) are 0 without a run.
+- Tracking during training (`lm train --track-heads`): at each evaluation, every head's previous-token
+  score on the start of the validation text and its induction score (the detectors above, as `detect_heads`
+  computes them), and an in-context score after Olsson et al. (2022), "In-context Learning and Induction
+  Heads": how much lower the loss is late in a window than early in it. Theirs (contexts of 512 and more)
+  is the mean loss of the 500th token minus that of the 50th. Here, for a context of T tokens, the tokens
+  n = ⌈9T/10⌉..T of a validation window (the last tenth; token n is predicted from the n tokens before it)
+  are scored twice: with the whole window before them, and with only its last n - s tokens, s = ⌈9T/10⌉ -
+  ⌈T/20⌉, so from ⌈T/20⌉ to about 3T/20 tokens (a tenth of the window around T/10). The score is the first
+  mean loss minus the second, in nats, over the same IN_CONTEXT_WINDOWS validation windows every time. At
+  T = 512: tokens 461-512 predicted from 461-512 tokens, minus the same tokens from 26-77. Scoring the same
+  tokens both ways measures what Olsson et al.'s difference measures (the loss late in a context minus the
+  loss early in one) without the difference in how hard two sets of tokens are, which with a few thousand
+  tokens swamps it. Negative: the model predicts better with more context; it falls further as induction
+  heads form.
 """
 
 from __future__ import annotations
@@ -358,7 +372,7 @@ def _residual_parts(model: GPT, ids: torch.Tensor,
 
     hooks = [block.mlp.register_forward_hook(
         lambda module, args, output, layer=layer: mlps.__setitem__(layer, output[0, position].float()))
-        for layer, block in enumerate(model.blocks)]
+        for layer, block in enumerate(model.blocks) if block.mlp is not None]
     try:
         with edited_heads(model, {layer: recorder(layer) for layer in range(model.config.n_layer)}):
             trace = model.trace(ids)
@@ -381,8 +395,9 @@ def _residual_parts(model: GPT, ids: torch.Tensor,
         if block.attn.proj.bias is not None:
             names.append(f"L{layer} attention bias")
             vectors.append(block.attn.proj.bias.float())
-        names.append(f"L{layer} MLP")
-        vectors.append(mlps[layer])
+        if block.mlp is not None:  # attention-only blocks (--mlp none) have none
+            names.append(f"L{layer} MLP")
+            vectors.append(mlps[layer])
     return [Part(name, 0.0) for name in names], vectors, trace.hidden[-1][0, position].float()
 
 
@@ -590,3 +605,71 @@ def _patch_heads(mask: torch.Tensor, clean: torch.Tensor) -> HeadEdit:
     def edit(y: torch.Tensor) -> torch.Tensor:
         return torch.where(mask[:, None, :, None], clean[None].to(y.dtype), y)
     return edit
+
+
+# Tracking during training -------------------------------------------------------------------------
+
+IN_CONTEXT_WINDOWS = 32  # validation windows the in-context score averages over (fewer in a short text)
+
+
+def in_context_shift(context_length: int) -> tuple[int, int]:
+    """(first, shift): the tokens n = first..T (T = context_length) scored late, with n tokens before them, and
+    early, with n - shift; see the module docstring."""
+    first = math.ceil(9 * context_length / 10)
+    return first, first - math.ceil(context_length / 20)
+
+
+def in_context_windows(ids: torch.Tensor, context_length: int, count: int = IN_CONTEXT_WINDOWS) -> torch.Tensor:
+    """Up to `count` windows of context_length + 1 ids, (windows, context_length + 1), spread evenly over
+    `ids` without overlapping; raises InputError when `ids` hold less than one."""
+    window = context_length + 1
+    if len(ids) < window:
+        raise InputError(f"the in-context score needs a window of {window:,} validation tokens, and the validation "
+                         f"text has {len(ids):,}; give more validation text or a shorter --context-length")
+    count = max(1, min(count, len(ids) // window))
+    stride = (len(ids) - window) // (count - 1) if count > 1 else 0
+    return torch.stack([ids[i * stride:i * stride + window] for i in range(count)]).long()
+
+
+def _late_losses(model: GPT, windows: torch.Tensor, scored: int) -> torch.Tensor:
+    """Per-token losses (windows, scored) of each window's last `scored` targets, from the whole window."""
+    logits, _ = model(windows[:, :-1], logits_from=windows.size(1) - 1 - scored)
+    return F.cross_entropy(logits.float().transpose(1, 2), windows[:, -scored:], reduction="none")
+
+
+@torch.inference_mode()
+def in_context_score(model: GPT, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """The mean loss (nats) of the windows' last tokens predicted from the whole window, minus that of the same
+    tokens predicted from the window's end only (see `in_context_shift`), the model in its current mode:
+    windows (count, context_length + 1) ids, run `batch_size` at a time."""
+    device = next(model.parameters()).device
+    first, shift = in_context_shift(windows.size(1) - 1)
+    scored = windows.size(1) - first  # tokens first..T
+    late = early = 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size].to(device)
+        late += _late_losses(model, chunk, scored).double().sum().item()
+        early += _late_losses(model, chunk[:, shift:], scored).double().sum().item()
+    return (late - early) / (len(windows) * scored)
+
+
+@dataclass
+class HeadTracking:
+    """What `lm train --track-heads` records at an evaluation."""
+
+    previous_token: list[list[float]]  # per layer, per head: detect_heads's scores
+    induction: list[list[float]]
+    in_context: float  # nats, late minus early (negative: later tokens are predicted better)
+
+
+def tracking_text(tokenizer: Tokenizer, val_ids: torch.Tensor, context_length: int) -> str:
+    """The text the previous-token scores are measured on: the validation text's first context_length - 1
+    tokens (`detect_heads` puts <|endoftext|> before it)."""
+    return tokenizer.decode(val_ids[:context_length - 1].tolist())
+
+
+def track_heads(model: GPT, tokenizer: Tokenizer, text: str, windows: torch.Tensor,
+                batch_size: int = 16) -> HeadTracking:
+    """Previous-token scores on `text`, induction scores (`detect_heads`), the in-context score on `windows`."""
+    detectors = detect_heads(model, tokenizer, text)
+    return HeadTracking(detectors.previous_token, detectors.induction, in_context_score(model, windows, batch_size))

@@ -67,6 +67,9 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
         if flag in UNEXPORTABLE:
             raise UsageError(f"cannot export to {target}: this run uses {UNEXPORTABLE[flag]} ({flag}); "
                              "export a run trained without it")
+    if config.mlp == "none":
+        raise UsageError(f"this run is attention-only (--mlp none), and the GPT-2, Llama and Qwen3 blocks of {target} "
+                         "all have an MLP: it has no equivalent there; export a run trained with an MLP")
     designs = dict(FAMILY_DESIGNS)
     if config.mlp == "relu2" and target == "transformers":
         # GPT-2's config names its activation: relu2 is one transformers has.

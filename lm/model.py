@@ -3,6 +3,7 @@
     ids ─► token embedding (+ learned or sinusoidal positions) ─► N blocks ─► norm ─► output head ─► logits
     block:  x = x + attention(norm(x))      each token gathers context from the tokens before it
             x = x + mlp(norm(x))            then transforms what it gathered, on its own
+                                            (left out with mlp "none": attention-only blocks)
 
 The residual stream `x` runs straight through the stack; each block adds to it (pre-norm), which keeps
 deep stacks trainable. With rotary positions (RoPE) nothing is added to the embeddings: queries and
@@ -305,7 +306,8 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1, self.attn = make_norm(config), Attention(config, layer)
-        self.norm2, self.mlp = make_norm(config), MLP(config)
+        # Attention-only blocks (mlp "none", as in Anthropic's circuits work) have neither the MLP nor its norm.
+        self.norm2, self.mlp = (make_norm(config), MLP(config)) if config.mlp != "none" else (None, None)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
@@ -313,6 +315,8 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attn(self.norm1(x), rope, need_weights, cache, layer, ids)
         x = x + attended
+        if self.mlp is None:
+            return x, weights
         return x + self.mlp(self.norm2(x)), weights
 
 
@@ -337,7 +341,7 @@ def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     # One query may see every cached position: no mask needed.
     y = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
     x = x + attn.proj(y.view(batch, 1, -1))  # (batch, heads, 1, d_head) is (batch, 1, d_model) in memory
-    return x + block.mlp(block.norm2(x))
+    return x if block.mlp is None else x + block.mlp(block.norm2(x))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,12 @@ class LearningCurves:
     val_time_s: list[float]  # validation, at every evaluation
     val_tokens: list[int]
     val_bpb: list[float]
+    # With --track-heads, at every evaluation: the best head's scores (the largest over every layer and head)
+    # and the in-context score, nats
+    head_steps: list[int] = field(default_factory=list)
+    previous_token: list[float] = field(default_factory=list)
+    induction: list[float] = field(default_factory=list)
+    in_context: list[float] = field(default_factory=list)
 
 
 def learning_curves(path: Path, name: str | None = None) -> LearningCurves:
@@ -175,4 +181,9 @@ def learning_curves(path: Path, name: str | None = None) -> LearningCurves:
             curves.val_time_s.append(record["time_s"])
             curves.val_tokens.append(tokens)
             curves.val_bpb.append(record["val_bpb"])
+        if "induction" in record:
+            curves.head_steps.append(record["step"])
+            curves.previous_token.append(max(max(layer) for layer in record["previous_token"]))
+            curves.induction.append(max(max(layer) for layer in record["induction"]))
+            curves.in_context.append(record["in_context"])
     return curves

@@ -53,6 +53,8 @@ from lm.distributed import Distributed, DistributedError
 from lm.errors import LmError, UsageError
 from lm.eval import Scores, plan_windows, score_tokens
 from lm.generate import complete
+from lm.heads import HeadTracking, in_context_windows, track_heads, tracking_text
+from lm.inspect import repeated_random_ids
 from lm.linear import kernel_for, onednn_available, requested_kernel
 from lm.model import GPT
 from lm.optim import (
@@ -84,6 +86,7 @@ class Evaluation:
     sample: str
     val_tokens: int = 0  # validation ids scored: all of them at the end of a run, a spread sample before
     val_complete: bool = True  # every validation id was scored (the figure `lm eval` gives on that text)
+    heads: HeadTracking | None = None  # with --track-heads: head detectors and the in-context score
 
 
 @dataclass
@@ -196,6 +199,9 @@ class Trainer:
         self.network = distributed.wrap(self.model, self.dist, self.fsdp, self.device)
         if self.fsdp and config.optimizer == "muon":
             raise UsageError(MUON_UNDER_FSDP)
+        if self.fsdp and config.track_heads:
+            raise UsageError("--track-heads reads every head's whole attention weights, which --fsdp shards; "
+                             "train with DDP (--ddp, the default) or drop --track-heads")
         self.optimizers = make_optimizers(self.model, config, self.device)
         # --ema-decay: the average starts from the weights the run starts from (a resumed run's saved average).
         self.average = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
@@ -409,8 +415,10 @@ class Validation:
 
     It is due every `eval_every` steps and after the last: the last scores every validation id, the
     others an evenly spread subset of the windows (eval_batches x batch_size of them, the same ones every
-    time). It remembers what scoring a window and sampling took, for a time budget to leave room for the
-    closing evaluation.
+    time). With `track_heads` it also measures the heads (`lm.heads.track_heads`: previous-token scores on
+    the validation text's first window, induction scores, the in-context score on up to IN_CONTEXT_WINDOWS
+    validation windows, the same ones every time). It remembers what scoring a window, sampling and
+    tracking took, for a time budget to leave room for the closing evaluation.
     """
 
     def __init__(self, model: GPT, setup: TrainingSetup, device: torch.device, dtype: torch.dtype) -> None:
@@ -422,6 +430,11 @@ class Validation:
         self.windows = len(plan_windows(len(self.tokens) + 1, self.context_length).starts)
         self.window_seconds: float | None = None
         self.sample_seconds = 0.0
+        self.track_seconds = 0.0
+        if self.config.track_heads:
+            repeated_random_ids(model, setup.tokenizer)  # raises now if the context is too short for induction
+            self.track_text = tracking_text(setup.tokenizer, self.tokens, self.context_length)
+            self.track_windows = in_context_windows(self.tokens, self.context_length)
 
     def due(self, step: int, final: bool) -> bool:
         return step % self.config.eval_every == 0 or final
@@ -435,10 +448,22 @@ class Validation:
         self.window_seconds = (scored - started) / scores.windows
         sample = self.sample(step)
         self.sample_seconds = time.perf_counter() - scored
+        heads = self.track() if config.track_heads else None
         self.model.train()
         total = scores.total
         return Evaluation(val_loss=total.loss, val_bpb=total.bits_per_byte, train_loss=train_loss, sample=sample,
-                          val_tokens=total.tokens, val_complete=complete)
+                          val_tokens=total.tokens, val_complete=complete, heads=heads)
+
+    def track(self) -> HeadTracking:
+        """The heads' detector scores and the in-context score (the model in evaluation mode; the caller puts
+        it back)."""
+        started = time.perf_counter()
+        self.model.eval()
+        with autocast(self.device, self.dtype):
+            tracked = track_heads(self.model, self.tokenizer, self.track_text, self.track_windows,
+                                  self.config.batch_size)
+        self.track_seconds = time.perf_counter() - started
+        return tracked
 
     def sample(self, step: int) -> str:
         """A short continuation of <|endoftext|> (the start of a new document), seeded: the same at a given step."""
@@ -452,7 +477,7 @@ class Validation:
         if self.window_seconds is None:
             self._time_windows()
         assert self.window_seconds is not None
-        return self.windows * self.window_seconds + self.sample_seconds
+        return self.windows * self.window_seconds + self.sample_seconds + self.track_seconds
 
     def _time_windows(self) -> None:
         """Time a batch of validation windows (after a first, untimed one: the first pass through a model
@@ -461,8 +486,10 @@ class Validation:
         self._score(windows, windows)
         started = time.perf_counter()
         scores = self._score(windows, windows)
-        self.model.train()
         self.window_seconds = (time.perf_counter() - started) / scores.windows
+        if self.config.track_heads:
+            self.track()
+        self.model.train()
 
     def _score(self, batch_size: int, max_windows: int | None) -> Scores:
         """`score_tokens` on the validation text, the model in evaluation mode (the caller puts it back)."""
@@ -626,4 +653,9 @@ def metrics_record(update: TrainUpdate) -> dict[str, Any]:
         record["val_loss"] = round(update.evaluation.val_loss, 6)
         record["val_bpb"] = round(update.evaluation.val_bpb, 6)
         record["val_tokens"] = update.evaluation.val_tokens
+        heads = update.evaluation.heads
+        if heads is not None:  # per layer, per head
+            record["previous_token"] = [[round(score, 4) for score in layer] for layer in heads.previous_token]
+            record["induction"] = [[round(score, 4) for score in layer] for layer in heads.induction]
+            record["in_context"] = round(heads.in_context, 4)
     return record

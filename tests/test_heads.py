@@ -24,10 +24,11 @@ from lm.model import GPT
 TEXT = SAMPLE.read_text(encoding="utf-8")[:300]
 
 
-def tiny_model(vocab: int, pos_encoding: str = "learned", norm: str = "layernorm", bias: bool = True) -> GPT:
+def tiny_model(vocab: int, pos_encoding: str = "learned", norm: str = "layernorm", bias: bool = True,
+               mlp: str = "gelu") -> GPT:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=vocab, context_length=64, n_layer=2, n_head=4, d_model=32,
-                            pos_encoding=pos_encoding, norm=norm, bias=bias)).eval()
+                            pos_encoding=pos_encoding, norm=norm, bias=bias, mlp=mlp)).eval()
     random_weights(model, seed=1)
     return model
 
@@ -163,10 +164,11 @@ def test_detect_heads_shapes(sample_tokenizer) -> None:
 # Direct logit attribution -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("pos_encoding", "norm", "bias"), [
-    ("learned", "layernorm", True), ("rope", "rmsnorm", False), ("sinusoidal", "layernorm", False)])
-def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm: str, bias: bool) -> None:
-    model = tiny_model(sample_tokenizer.vocab_size, pos_encoding, norm, bias)
+@pytest.mark.parametrize(("pos_encoding", "norm", "bias", "mlp"), [
+    ("learned", "layernorm", True, "gelu"), ("rope", "rmsnorm", False, "gelu"),
+    ("sinusoidal", "layernorm", False, "gelu"), ("rope", "layernorm", True, "none")])
+def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm: str, bias: bool, mlp: str) -> None:
+    model = tiny_model(sample_tokenizer.vocab_size, pos_encoding, norm, bias, mlp)
     ids = text_ids(model, sample_tokenizer)
     with torch.no_grad():
         logits, _ = model(ids)
@@ -181,7 +183,7 @@ def test_attribution_sums_to_the_logit(sample_tokenizer, pos_encoding: str, norm
     assert predicted.target == int(logits[0, -1].argmax())
     names = [part.name for part in predicted.parts]
     assert names[0] == "token embedding" and ("position embedding" in names) == (pos_encoding != "rope")
-    assert sum(name.startswith("L1.H") for name in names) == 4 and "L1 MLP" in names
+    assert sum(name.startswith("L1.H") for name in names) == 4 and ("L1 MLP" in names) == (mlp != "none")
 
 
 # Activation patching ------------------------------------------------------------------------------
@@ -334,6 +336,22 @@ def test_cli_table_shows_ablation_detectors_and_attribution(heads_run) -> None:
     assert "previous-token score" in out and "induction score (31 random tokens twice, seed 0)" in out
     assert "direct logit attribution" in out and "token embedding" in out
     assert max(len(line) for line in out.splitlines()) <= 80  # nothing wrapped
+
+
+def test_cli_ablates_the_best_induction_head(heads_run) -> None:
+    import json
+
+    from conftest import run_lm
+
+    result = run_lm("inspect-heads", heads_run, "--text", TEXT, "--ablate", "induction", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    scores = data["detectors"]["induction"]
+    best = max((score, layer, head) for layer, row in enumerate(scores) for head, score in enumerate(row))
+    assert data["joint"]["heads"] == [[best[1], best[2]]]
+    assert data["joint"]["nats"] == pytest.approx(data["ablation"][best[1]][best[2]], abs=1e-6)  # it alone
+    table = run_lm("inspect-heads", heads_run, "--text", TEXT, "--ablate", "induction", env={"COLUMNS": "80"})
+    assert f"L{best[1]}.H{best[2]} ablated: " in table.stdout
 
 
 def test_cli_json_holds_the_ablation_table_and_the_parts(heads_run) -> None:

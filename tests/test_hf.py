@@ -195,6 +195,10 @@ def test_export_refuses_what_transformers_cannot_load(tmp_path: Path, sample_tok
     assert_one_line_error(run_lm("export", run, "--out", tmp_path / "x"), "--pos-encoding sinusoidal")
     mixed = make_run(tmp_path / "mixed", sample_tokenizer, pos_encoding="rope", norm="rmsnorm", mlp="gelu", bias=False)
     assert_one_line_error(run_lm("export", mixed, "--out", tmp_path / "x"), "--mlp 'gelu' (needs 'swiglu')")
+    attention_only = make_run(tmp_path / "attention-only", sample_tokenizer, mlp="none")
+    for target, form in (("transformers", "hf"), ("llama.cpp", "gguf")):
+        assert_one_line_error(run_lm("export", attention_only, "--out", tmp_path / "x", "--format", form),
+                              f"attention-only (--mlp none), and the GPT-2, Llama and Qwen3 blocks of {target}")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     good = make_run(tmp_path / "good", sample_tokenizer, **GPT2_SHAPE)

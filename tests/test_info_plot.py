@@ -82,3 +82,47 @@ def test_braille_puts_high_values_at_the_top() -> None:
 
 def test_save_needs_svg(two_runs: tuple[Path, Path]) -> None:
     assert_one_line_error(run_lm("info", two_runs[0], "--save", "curves.png"), "must end in .svg")
+
+
+def tracked(records: list[dict]) -> list[dict]:
+    """`records` with what --track-heads adds at each evaluation: 2 layers x 2 heads, one head inducing later."""
+    out = []
+    for record in records:
+        if "val_bpb" in record:
+            step = record["step"]
+            record = dict(record, previous_token=[[0.1, 0.6], [0.2, 0.3]],
+                          induction=[[0.01, 0.02], [0.4 * step / 200, 0.05]], in_context=-0.2 - step / 1000)
+        out.append(record)
+    return out
+
+
+def test_tracked_heads_are_plotted_against_steps(tmp_path: Path) -> None:
+    heads = fake_run(tmp_path / "heads", tracked(records(200, 10.0, 6.0)))
+    plain = fake_run(tmp_path / "plain", records(100, 2.0, 5.0))
+    curves = rundir.learning_curves(heads)
+    assert curves.head_steps == [50, 100, 150, 200]
+    assert curves.previous_token == [0.6] * 4  # the best head of each evaluation
+    assert curves.induction == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert curves.in_context == pytest.approx([-0.25, -0.3, -0.35, -0.4])
+    assert rundir.learning_curves(plain).head_steps == []
+
+    svg = tmp_path / "curves.svg"
+    result = run_lm("info", heads, plain, "--plot", "--save", svg, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    for title in ("best previous-token score (max over heads)", "best induction score (max over heads)",
+                  "in-context score (nats: late minus early loss)"):
+        assert title in result.stdout
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    induction = result.stdout.split("best induction score")[1].splitlines()
+    assert induction[1].lstrip().startswith("0.42┤")  # the y axis reaches the best score, 0.4 (+5 % margin)
+    assert "steps" in result.stdout
+    tree = ElementTree.parse(svg)
+    polylines = tree.getroot().findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 4 * 2 + 3  # the runs' four charts, then three for the run that tracked its heads
+    texts = {node.text for node in tree.getroot().iter("{http://www.w3.org/2000/svg}text")}
+    assert {"best induction score (max over heads)", "steps"} <= texts
+
+
+def test_runs_without_tracked_heads_get_no_head_charts(two_runs: tuple[Path, Path]) -> None:
+    result = run_lm("info", *two_runs, "--plot", env={"COLUMNS": "80"})
+    assert result.returncode == 0 and "induction" not in result.stdout

@@ -7,7 +7,7 @@ import torch
 
 from lm.config import ModelConfig, preset, with_overrides
 from lm.errors import UsageError
-from lm.model import GPT, explicit_attention
+from lm.model import GPT, KVCache, explicit_attention
 
 
 def tiny(**changes) -> ModelConfig:
@@ -100,6 +100,7 @@ def test_loss_at_initialisation_is_near_uniform() -> None:
     ({"context_length": 0}, "--context-length must be a positive"),
     ({"d_model": 36, "n_head": 12, "pos_encoding": "rope"}, "even head width"),
     ({"dropout": 1.0}, "--dropout"),
+    ({"mlp": "none", "d_ff": 64}, "--d-ff 64 sizes an MLP, and --mlp none builds blocks without one"),
 ])
 def test_impossible_configs_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
@@ -114,3 +115,25 @@ def test_longer_than_context_is_an_error() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(UsageError, match="unknown preset 'huge'; choose one of: tiny, small, gpt2, llama"):
         preset("huge")
+
+
+def test_attention_only_blocks_have_no_mlp_and_decode_as_they_forward() -> None:
+    config = tiny(mlp="none")
+    assert config.d_ff == 0 and with_overrides(tiny(), {"mlp": "none"}).d_ff == 0  # 4 x d_model dropped with the MLP
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    assert all(block.mlp is None and block.norm2 is None for block in model.blocks)
+    with_mlp = GPT(tiny(mlp="gelu"))
+    per_mlp = sum(p.numel() for p in with_mlp.blocks[0].mlp.parameters()) + with_mlp.blocks[0].norm2.weight.numel() * 2
+    assert model.num_parameters() == with_mlp.num_parameters() - 2 * per_mlp
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        full, _ = model(ids)
+        # One block by hand: attention only, nothing added after it.
+        x = model.embed(ids, slice(0, 10))
+        for block in model.blocks:
+            x = x + block.attn(block.norm1(x), None)[0]
+        torch.testing.assert_close(full, model.lm_head(model.norm(x)))
+        cache = KVCache(config, 2, torch.device("cpu"), torch.float32)
+        model(ids[:, :9], cache=cache)
+        torch.testing.assert_close(model.decode_step(ids[:, 9:], cache), full[:, -1], rtol=1e-4, atol=1e-4)
