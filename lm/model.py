@@ -397,7 +397,8 @@ class GPT(nn.Module):
         if config.zero_init_projections:  # each block starts as the identity; its first steps decide what it adds
             for block in self.blocks:
                 nn.init.zeros_(block.attn.proj.weight)
-                nn.init.zeros_(block.mlp.proj.weight)
+                if block.mlp is not None:  # attention-only blocks (--mlp none) have no MLP
+                    nn.init.zeros_(block.mlp.proj.weight)
         if not config.tie_embeddings and config.head_init_std != DEFAULT_INIT_STD:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=config.head_init_std)
         if config.smear:

@@ -208,9 +208,9 @@ def test_qk_gain_is_the_qk_norm_gains_times_the_factor() -> None:
 # decoding with every technique -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("design", [{}, QWEN3], ids=["gpt2", "qwen3"])
+@pytest.mark.parametrize("design", [{}, QWEN3, {"mlp": "none"}], ids=["gpt2", "qwen3", "attention-only"])
 def test_cached_decoding_with_every_technique_computes_the_full_forward(design: dict) -> None:
-    changes = {**EVERY_TECHNIQUE, **({} if design else {"qk_gain": 1.0})}  # the gain needs QK-norm
+    changes = {**EVERY_TECHNIQUE, **({} if design.get("qk_norm") else {"qk_gain": 1.0})}  # the gain needs QK-norm
     model = varied(GPT(config(**design, **changes)))
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -276,6 +276,8 @@ def test_tiny_head_and_zero_projections_at_initialisation() -> None:
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
     ids = torch.randint(0, 61, (1, 24))
     assert model(ids)[0].abs().max() < 0.05  # tiny head: every token nearly equally likely at the start
+    attention_only = GPT(config(mlp="none", zero_init_projections=True))
+    assert all(b.attn.proj.weight.abs().sum() == 0 and b.mlp is None for b in attention_only.blocks)
     with pytest.raises(UsageError, match=r"--head-init-std 0.001 needs its own output head.*--no-tie-embeddings"):
         config(head_init_std=1e-3).validate()
 
