@@ -2,7 +2,8 @@
 
 Both servers serve the same weights: an lm run (by default GPT-2 small's shape at vocab 8192, 12 x 768,
 random weights through lm's own initialisation, the run bench/llama_cpp.py measures decoding on; speed
-does not depend on the weights) and its float32 GGUF export (`lm export --format gguf`). Each listens on
+does not depend on the weights) and its float32 GGUF export (`lm export --format gguf`); with --weights int8,
+`lm serve --quantize int8` against the Q8_0 export (both 8-bit weights with a scale per row or block). Each listens on
 127.0.0.1 on a free port with the same thread count (`lm serve` through OMP_NUM_THREADS, llama-server
 through `-t`/`-tb`), room for 8 sequences at once (`lm serve --max-batch 8`; llama-server `-np 8`
 slots and `-c` 8 x the model's context, so each slot holds one context) and no prompt cache
@@ -30,6 +31,7 @@ llama-server is built once from llama-cpp-python's sources in the build folder o
 (several minutes on 2 cores; the binaries built there already are kept). Needs `lm[serve]` and httpx.
 
     python bench/serve.py [--rounds 5] [--threads 2] [--streams 8] [--max-tokens 64] [--prompt-tokens 48]
+                          [--weights f32|int8]
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ from lm.cache import cache_dir
 from lm.tokenizer import Tokenizer
 
 HOST = "127.0.0.1"
+# --weights: lm serve's --quantize, the GGUF export's type, and how the table names the pair
+QUANTIZE = {"f32": "none", "int8": "int8"}
+GGUF_TYPE = {"f32": "f32", "int8": "q8_0"}
+WEIGHTS = {"f32": "float32 weights", "int8": "int8 weights (lm's per-row int8 against Q8_0)"}
 STARTUP_S = 300  # loading a model and (lm) importing torch, on a busy machine
 console = Console(width=130)
 
@@ -92,12 +98,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_lm(run: Path, threads: int, slots: int, log: Path) -> Server:
+def start_lm(run: Path, threads: int, slots: int, weights: str, log: Path) -> Server:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with log.open("wb") as out:
         process = subprocess.Popen([LM, "serve", str(run), "--host", HOST, "--port", str(port), "--device", "cpu",
-                                    "--dtype", "float32", "--max-batch", str(slots)],
+                                    "--dtype", "float32", "--quantize", QUANTIZE[weights], "--max-batch", str(slots)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     return Server("lm serve", f"http://{HOST}:{port}/v1", run.resolve().name, process, log)
 
@@ -301,6 +307,8 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FAMILY_FLAGS), default="gpt2", help="the model's design")
     parser.add_argument("--preset", help="the model's shape (a preset's name; default: the family's, 12 x 768)")
     parser.add_argument("--run", type=Path, help="serve this run (its own weights) instead of a random one")
+    parser.add_argument("--weights", choices=sorted(QUANTIZE), default="f32",
+                        help="f32: float32 on both sides; int8: lm serve --quantize int8 against the Q8_0 GGUF export")
     parser.add_argument("--summary", type=Path, help="also write the figures and ratios here, as JSON")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -311,7 +319,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer_file = tokenizer_and_corpus(work)
     run = args.run or random_run(work, args.family, tokenizer_file, args.preset or args.family)
-    gguf = gguf_of(run, "f32")
+    gguf = gguf_of(run, GGUF_TYPE[args.weights])
     config = rundir.read_config(run).model
     tokenizer = Tokenizer.from_file(run / rundir.TOKENIZER)
     if args.prompt_tokens + 1 + args.max_tokens > config.context_length:
@@ -320,7 +328,7 @@ def main() -> None:
 
     logs = work / "serve-logs"
     logs.mkdir(exist_ok=True)
-    servers = [start_lm(run, args.threads, args.streams, logs / "lm-serve.log"),
+    servers = [start_lm(run, args.threads, args.streams, args.weights, logs / "lm-serve.log"),
                start_llama(bin_dir, gguf, args.threads, args.streams, config.context_length, logs / "llama-server.log")]
     load_before = load()
     busy = os.getloadavg()[0]
@@ -345,7 +353,8 @@ def main() -> None:
     }
     n = args.streams
     table = Table(title=f"lm serve and llama-server ({LLAMA_CPP_PYTHON}'s sources), {cpu_name()}, "
-                        f"{args.threads} threads each, load average {load_before} before, {load_after} after",
+                        f"{args.threads} threads each, {WEIGHTS[args.weights]}, load average {load_before} before, "
+                        f"{load_after} after",
                   title_justify="left")
     for column in ("measure (median)", "lm serve", "llama-server", "lm / llama-server (rounds)", "target"):
         table.add_column(column)
@@ -385,7 +394,8 @@ def main() -> None:
                       "tokens it produced.")
     if len(prompt_tokens) > 1:
         console.print("[red]the servers read prompts of different lengths[/]")
-    write_summary(args.summary, cpu=cpu_name(), threads=args.threads, load_before=load_before, load_after=load_after,
+    write_summary(args.summary, cpu=cpu_name(), threads=args.threads, weights=args.weights,
+                  load_before=load_before, load_after=load_after,
                   lm_ttft_ms=median(ours.ttft) * 1e3, llama_ttft_ms=median(theirs.ttft) * 1e3,
                   lm_decode_tokens_per_s=median(ours.decode), llama_decode_tokens_per_s=median(theirs.decode),
                   lm_aggregate_tokens_per_s=median(ours.together),

@@ -108,23 +108,20 @@ def command(
     model, tokenizer, _ = load_run(run_dir)
     page = save if save is not None and save.suffix.lower() == ".html" else None
     if page is not None:
-        from lm.atomic import atomic_write_text
-        from lm.cli.page import attention_page
+        from lm.cli.page import write_page
         from lm.inspect import inspection_data
 
         # The page carries every layer and head (the model view shows them all); it opens on the chosen ones.
         everything = inspection_data(model, tokenizer, text, range(info.model.n_layer), list(range(info.model.n_head)),
                                      compare)
         view = "model" if len(layers) > 1 or len(heads) > 1 else "head"
-        atomic_write_text(page, attention_page(everything, layer=layers[-1], head=heads[0] if len(heads) == 1 else None,
-                                               view=view))
+        write_page(page, everything, layer=layers[-1], head=heads[0] if len(heads) == 1 else None, view=view)
     _terminal_view(model, tokenizer, text, layers, heads, span, top=top, heads_summary=heads_summary, compare=compare,
                    output_format=output_format, output=output, save=None if page is not None else save)
     if page is not None:
-        from lm.cli.render import human_bytes, stderr
+        from lm.cli.page import announce_page
 
-        stderr().print(f"wrote the attention explorer to {page} ({human_bytes(page.stat().st_size)}): open it in a web "
-                       f"browser, e.g. file://{page.resolve()}", soft_wrap=True)
+        announce_page(page)
 
 
 def _terminal_view(model: GPT, tokenizer: Tokenizer, text: str, layers: list[int], heads: list[int | None],

@@ -73,6 +73,11 @@ def command(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="FILE", rich_help_panel=OUTPUT, show_default=False,
         help="Write to FILE instead of standard output.")] = None,
+    save: Annotated[Path | None, typer.Option(
+        "--save", metavar="FILE.html", rich_help_panel=OUTPUT, show_default=False,
+        help="Also write the attention explorer page (as `lm inspect-attention --save`) with these results in "
+             "it: the ablation heat map (click a head for the tokens it helps most), the detector scores in the "
+             "model view and the attribution bars. One file that opens offline in a browser.")] = None,
 ) -> None:
     """Which attention heads matter: ablate each head and measure the loss, score heads with
     TransformerLens's detectors, and attribute one prediction's logit to every part of the model.
@@ -91,6 +96,8 @@ def command(
 
     Patching (with --compare CORRUPT): (patched - corrupt) / (clean - corrupt) of the logit difference, for
     each layer x position of the residual stream and each layer x head. Not in the CSV.
+
+    --save FILE.html: all of it in the attention explorer page, beside the attention patterns.
     """
     from lm.errors import UsageError
 
@@ -103,10 +110,13 @@ def command(
 
     if ablation not in ABLATIONS:
         raise UsageError(f"--ablation {ablation!r} is not one of: {', '.join(ABLATIONS)}")
-    if output is not None:
-        from lm.atomic import prepare_output
+    if save is not None and save.suffix.lower() != ".html":
+        raise UsageError(f"--save {save} must end in .html (the explorer page; --output writes the terminal's text)")
+    for path in (output, save):
+        if path is not None:
+            from lm.atomic import prepare_output
 
-        prepare_output(output, overwrite=True, what="output")
+            prepare_output(path, overwrite=True, what="output")
 
     from lm.checkpoint import load_run
     from lm.heads import ablate_heads, attribute_logit, detect_heads, parse_heads, patch_activations
@@ -122,9 +132,21 @@ def command(
     result = ablate_heads(model, tokenizer, text, ablation, joint)
     attribution = attribute_logit(model, tokenizer, text, position, target_id, versus_id)
     patching = None if compare is None else patch_activations(model, tokenizer, text, compare, target_id, versus_id)
+    data = _json(text, result, detectors, attribution, tokenizer, top)
+    data["patching"] = None if patching is None else _patching_json(compare, patching, tokenizer)
+    if save is not None:
+        from lm.cli.page import write_page
+        from lm.heads import most_important
+        from lm.inspect import inspection_data
+
+        # The attention page of every layer and head (and of the --compare text), with this document added;
+        # it opens on the head-effects view at the head that matters most.
+        page = inspection_data(model, tokenizer, text, range(model.config.n_layer), list(range(model.config.n_head)),
+                               compare)
+        page["inspect_heads"] = data
+        first = most_important(result, 1)[0]
+        write_page(save, page, layer=first.layer, head=first.head, view="effects")
     if output_format == "json":
-        data = _json(text, result, detectors, attribution, tokenizer, top)
-        data["patching"] = None if patching is None else _patching_json(compare, patching, tokenizer)
         _write(json.dumps(data, ensure_ascii=False) + "\n", output)
     elif output_format == "csv":
         _write(_csv(result, detectors, attribution), output)
@@ -133,6 +155,10 @@ def command(
         if patching is not None:
             shown += _patching(patching, tokenizer)
         _show(shown, output)
+    if save is not None:
+        from lm.cli.page import announce_page
+
+        announce_page(save)
 
 
 def _best_induction_head(detectors: Detectors) -> tuple[int, int]:
@@ -396,6 +422,8 @@ def _json(text: str, result: Ablation, detectors: Detectors, attribution: Attrib
         # Per layer, each head's change in mean loss per predicted token, in nats (positive: the head helps).
         "ablation": [[head.nats for head in layer] for layer in result.heads],
         "ablation_bits_per_byte": [[head.bits_per_byte for head in layer] for layer in result.heads],
+        # Per layer, per head: the tokens whose loss its ablation raises most (as in top_heads), most first.
+        "ablation_helped": [[head_entry(head)["helped"] for head in layer] for layer in result.heads],
         "top_heads": [head_entry(head) for head in most_important(result, top)],
         "joint": joint,
         "detectors": asdict(detectors),

@@ -6,6 +6,10 @@ each text's weights travel as bytes, round(100 x weight) (to the nearest 0.01, t
 terminal shows), the rows' lower triangles one after another, compressed (zlib) and base64-encoded;
 the page unpacks them into the same `weights` rows. As JSON, 12 layers x 12 heads x 256 tokens take
 about 60 MB; packed, even attention as irregular as random logits (the hard case) takes 1.5 MB.
+
+`lm inspect-heads --save` writes the same page with its own `--format json` document added to the data
+as `inspect_heads`: the page then shows the head-effects view (the ablation heat map, the tokens each
+head helps most, the attribution bars) and the detector scores in the model view.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import base64
 import json
 import zlib
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +27,14 @@ WEIGHT_STEPS = 100  # weights to the nearest 0.01, as the terminal shows them: t
 PACKING = "uint8 = round(100 x weight), row by row (query 0..n-1, keys 0..query), entry by entry; zlib; base64"
 
 
+VIEWS = ("head", "model", "gravity", "effects")  # "effects" needs the data's `inspect_heads`
+
+
 def attention_page(data: dict[str, Any], *, layer: int, head: int | None, view: str = "head") -> str:
-    """The page for `data` (as `inspection_data` returns it, every layer and head), opening on `view`
-    ("head", "model" or "gravity") at `layer` and `head` (None: the mean of the heads)."""
+    """The page for `data` (as `inspection_data` returns it, every layer and head, with `inspect_heads`
+    optionally), opening on `view` (one of VIEWS) at `layer` and `head` (None: the mean of the heads)."""
+    if view not in VIEWS or (view == "effects" and "inspect_heads" not in data):
+        raise ValueError(f"no {view!r} view for this data")
     assets = resources.files("lm.cli") / "assets"
     page = dict(data, opening={"layer": layer, "head": "mean" if head is None else head, "view": view})
     page = pack_weights(page)
@@ -51,3 +61,17 @@ def pack_weights(data: dict[str, Any]) -> dict[str, Any]:
     packed = base64.b64encode(compressor.compress(quantized.tobytes()) + compressor.flush()).decode("ascii")
     return dict(data, attention=[{k: v for k, v in entry.items() if k != "weights"} for entry in entries],
                 packed_weights={"format": PACKING, "steps": WEIGHT_STEPS, "data": packed})
+
+
+def write_page(path: Path, data: dict[str, Any], *, layer: int, head: int | None, view: str) -> None:
+    """Write `attention_page` to `path` (`announce_page` then says where it is)."""
+    from lm.atomic import atomic_write_text
+
+    atomic_write_text(path, attention_page(data, layer=layer, head=head, view=view))
+
+
+def announce_page(path: Path) -> None:
+    from lm.cli.render import human_bytes, stderr
+
+    stderr().print(f"wrote the attention explorer to {path} ({human_bytes(path.stat().st_size)}): open it in a web "
+                   f"browser, e.g. file://{path.resolve()}", soft_wrap=True)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from lm.cli.chat import Quantize
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,6 +50,7 @@ def command(
         "--dtype", metavar="TYPE",
         help="auto | float32 | bfloat16 | float16: the weights' precision (auto: bf16 on GPUs, fp32 on CPU).")
     ] = "auto",
+    quantize: Quantize = "none",
 ) -> None:
     """Serve runs over HTTP with OpenAI's API, for any OpenAI client.
 
@@ -68,6 +71,8 @@ def command(
         raise UsageError(f"--port must be from 1 to 65535, got {port}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not one of: none, int8")
     if max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
     if max_queue < 0:
@@ -81,13 +86,14 @@ def command(
     from lm.cli.render import stderr
     from lm.device import resolve_device
 
-    runs = load_runs(run_dirs, resolve_device(device), dtype, max_batch, max_queue)
+    runs = load_runs(run_dirs, resolve_device(device), dtype, quantize, max_batch, max_queue)
     app = create_app(runs, api_key)
     console = stderr()
     for run in runs:
         kind = "chat and completions" if run.chat_format is not None else "completions only (a base run)"
         console.print(f"model [bold]{run.name}[/]: {kind}, context {run.context_length:,} tokens, "
-                      f"batches of {max_batch}, {max_queue} may wait", soft_wrap=True)
+                      f"batches of {max_batch}, {max_queue} may wait, decoded by {run.scheduler.kernels}",
+                      soft_wrap=True)
     if not is_loopback(host):
         console.print(f"[yellow]listening on {host}: every machine that can reach port {port} can use these "
                       "models" + ("" if api_key else ", with no key (set --api-key)") + "[/]", soft_wrap=True)
@@ -105,7 +111,7 @@ def require_server_packages() -> None:
         raise UsageError(f"lm serve needs {' and '.join(missing)}; install with: {SERVE_INSTALL}")
 
 
-def load_runs(run_dirs: list[Path], device: torch.device, dtype: str, max_batch: int,
+def load_runs(run_dirs: list[Path], device: torch.device, dtype: str, quantize: str, max_batch: int,
               max_queue: int) -> list[ServedRun]:
     """Each run's model (prepared for decoding on `device`), tokenizer, chat format and scheduler."""
     from lm.chat import chat_token_ids, load_chat_format
@@ -113,7 +119,7 @@ def load_runs(run_dirs: list[Path], device: torch.device, dtype: str, max_batch:
     from lm.cli.openai_api import ServedRun
     from lm.device import resolve_dtype
     from lm.errors import UsageError
-    from lm.model import use_decoding_layout
+    from lm.generate import prepare_for_generation
     from lm.serving import Scheduler
 
     names = [Path(path).resolve().name for path in run_dirs]
@@ -127,7 +133,7 @@ def load_runs(run_dirs: list[Path], device: torch.device, dtype: str, max_batch:
         model, tokenizer, _ = load_run(path, device)
         if chat_format is not None:
             chat_token_ids(tokenizer, chat_format)  # a chat run whose tokenizer lacks the tokens: say so now
-        model = use_decoding_layout(model.to(resolve_dtype(dtype, device)).eval())
+        model = prepare_for_generation(model, resolve_dtype(dtype, device), quantize)
         runs.append(ServedRun(name, tokenizer, Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue),
                               chat_format))
     return runs

@@ -114,6 +114,33 @@ def command(
         help="Share the token embedding with the output head.")] = None,
     dropout: Annotated[float | None, typer.Option(
         "--dropout", metavar="P", rich_help_panel=MODEL, help="Dropout probability (0 for short runs).")] = None,
+    residual_scalars: Annotated[bool | None, typer.Option(
+        "--residual-scalars/--no-residual-scalars", rich_help_panel=MODEL, show_default=False,
+        help="Each block reads λr·x + λ0·x0, x0 the embedding, both learned per layer from 1 and 0 "
+             "(not exportable).")] = None,
+    logit_softcap: Annotated[float | None, typer.Option(
+        "--logit-softcap", metavar="C", rich_help_panel=MODEL,
+        help="Cap the logits smoothly at ±C: C·tanh(logits/C), e.g. 15 (0: off; not exportable).")] = None,
+    value_embeddings: Annotated[bool | None, typer.Option(
+        "--value-embeddings/--no-value-embeddings", rich_help_panel=MODEL, show_default=False,
+        help="Add gated per-token tables to the attention values on alternating layers (not exportable).")] = None,
+    smear: Annotated[bool | None, typer.Option(
+        "--smear/--no-smear", rich_help_panel=MODEL, show_default=False,
+        help="Mix a gated share of the previous token's embedding into each token's (not exportable).")] = None,
+    bigram_buckets: Annotated[int | None, typer.Option(
+        "--bigram-buckets", metavar="N", rich_help_panel=MODEL,
+        help="Add a hashed bigram embedding: N rows, zero at the start, indexed by (previous, current) token "
+             "(0: off; not exportable).")] = None,
+    qk_gain: Annotated[float | None, typer.Option(
+        "--qk-gain", metavar="G", rich_help_panel=MODEL,
+        help="Multiply queries and keys by G after QK-norm: sharper attention, e.g. 1.2 (needs --qk-norm; "
+             "exported folded into the QK-norm gains).")] = None,
+    head_init_std: Annotated[float | None, typer.Option(
+        "--head-init-std", metavar="S", rich_help_panel=MODEL,
+        help="Initial standard deviation of an untied output head (e.g. 0.001: tiny logits at the start).")] = None,
+    zero_init_projections: Annotated[bool | None, typer.Option(
+        "--zero-init-proj/--no-zero-init-proj", rich_help_panel=MODEL, show_default=False,
+        help="Start the attention and MLP output projections at zero: every block starts as the identity.")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", metavar="LR", rich_help_panel=OPTIMIZER, help="Peak learning rate (after warmup).")] = None,
     batch_size: Annotated[int | None, typer.Option(
@@ -131,6 +158,9 @@ def command(
     warmdown: Annotated[float | None, typer.Option(
         "--warmdown", metavar="F", rich_help_panel=OPTIMIZER,
         help="0: cosine decay after warmup; else constant lr, then a linear fall over the run's last F.")] = None,
+    warmdown_shape: Annotated[str | None, typer.Option(
+        "--warmdown-shape", metavar="SHAPE", rich_help_panel=OPTIMIZER,
+        help="linear | 1-sqrt: how the lr falls over the warmdown (1-sqrt stays high longer, then drops).")] = None,
     weight_decay: Annotated[float | None, typer.Option(
         "--weight-decay", metavar="W", rich_help_panel=OPTIMIZER,
         help="AdamW weight decay on weight matrices.")] = None,
@@ -144,6 +174,27 @@ def command(
         "--muon-ns-steps", metavar="N", rich_help_panel=OPTIMIZER,
         help="Newton-Schulz iterations in each Muon update (fewer: a cheaper, rougher orthogonalisation).")
     ] = None,
+    muon_cautious_wd: Annotated[bool | None, typer.Option(
+        "--muon-cautious-wd/--no-muon-cautious-wd", rich_help_panel=OPTIMIZER, show_default=False,
+        help="Muon decays a weight only where its update shrinks it too, the decay falling to 0 over the run "
+             "(a cosine).")] = None,
+    adam_eps: Annotated[float | None, typer.Option(
+        "--adam-eps", metavar="EPS", rich_help_panel=OPTIMIZER, help="AdamW's epsilon (e.g. 1e-10).")] = None,
+    embed_lr_scale: Annotated[float | None, typer.Option(
+        "--embed-lr-scale", metavar="X", rich_help_panel=OPTIMIZER,
+        help="Learning rate of the embedding tables as a multiple of --lr (not weight-decayed when not 1).")
+    ] = None,
+    head_lr_scale: Annotated[float | None, typer.Option(
+        "--head-lr-scale", metavar="X", rich_help_panel=OPTIMIZER,
+        help="Learning rate of an untied output head as a multiple of --lr.")] = None,
+    scalar_lr_scale: Annotated[float | None, typer.Option(
+        "--scalar-lr-scale", metavar="X", rich_help_panel=OPTIMIZER,
+        help="Learning rate of the residual scalars, smear and value-embedding gates as a multiple of --lr.")
+    ] = None,
+    ema_decay: Annotated[float | None, typer.Option(
+        "--ema-decay", metavar="D", rich_help_panel=OPTIMIZER,
+        help="Keep an exponential moving average of the weights (e.g. 0.99 per step), evaluated and saved as "
+             "the run's weights; the trained ones are kept to resume from (0: off).")] = None,
     eval_every: Annotated[int | None, typer.Option(
         "--eval-every", metavar="N", rich_help_panel=EVALUATION, help="Steps between validation runs (and samples).")
     ] = None,
@@ -185,7 +236,11 @@ def command(
 
     model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "d_ff": d_ff,
                        "context_length": context_length, "pos_encoding": pos_encoding, "norm": norm, "mlp": mlp,
-                       "qk_norm": qk_norm, "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout}
+                       "qk_norm": qk_norm, "bias": bias, "tie_embeddings": tie_embeddings, "dropout": dropout,
+                       "residual_scalars": residual_scalars, "logit_softcap": logit_softcap,
+                       "value_embeddings": value_embeddings, "smear": smear, "bigram_buckets": bigram_buckets,
+                       "qk_gain": qk_gain, "head_init_std": head_init_std,
+                       "zero_init_projections": zero_init_projections}
     train_overrides = {"max_steps": max_steps, "time_budget": _time_budget(time_budget, max_steps),
                        "optimizer": optimizer, "muon_lr_scale": muon_lr_scale, "muon_ns_steps": muon_ns_steps,
                        "warmdown": warmdown, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
@@ -193,7 +248,9 @@ def command(
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
                        "save_every": save_every, "sample_tokens": sample_tokens, "track_heads": track_heads,
                        "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
-                       "fsdp": fsdp}
+                       "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
+                       "adam_eps": adam_eps, "embed_lr_scale": embed_lr_scale, "head_lr_scale": head_lr_scale,
+                       "scalar_lr_scale": scalar_lr_scale, "ema_decay": ema_decay}
     # Everything that can be wrong is checked before anything is written or deleted.
     plan = _plan_run(out, paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
                      text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,
@@ -264,8 +321,8 @@ def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, toke
     """The configs and text of the run: the run's own on --resume, the source's with --init-from, else a
     preset's; the flags given override them."""
     from lm import rundir
+    from lm.config import check_resume_keeps, with_overrides
     from lm.config import preset as named_preset
-    from lm.config import with_overrides
     from lm.errors import UsageError
 
     init_weights: Path | None = None
@@ -276,6 +333,7 @@ def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, toke
                              preset=preset, text_field=text_field, val_fraction=val_fraction, init_from=init_from,
                              model_overrides=model_overrides)
         model, train, saved = info.model, with_overrides(info.train, train_overrides), info.extra
+        check_resume_keeps(info.train, train)
         resumed_model = info.model
         paths = saved.get("corpus", {}).get("paths") or paths
         if not paths:
@@ -303,7 +361,7 @@ def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, toke
 
 def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, console: Console) -> None:
     """Validate the configs and the process count; under FSDP the preset's Muon gives way to AdamW."""
-    from lm.config import MUON_UNDER_FSDP
+    from lm.config import MUON_UNDER_FSDP, check_together
     from lm.distributed import launched_by_torchrun
     from lm.errors import UsageError
 
@@ -318,6 +376,7 @@ def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, console: Co
         raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start
     train.validate()
     plan.model.validate()
+    check_together(plan.model, train)
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
@@ -485,7 +544,8 @@ def _build_trainer(plan: RunPlan, encoded: TrainingText, context: Distributed, c
     return trainer
 
 
-SHAPE_OPTIONS = ("n_layer", "n_head", "d_model", "d_ff", "pos_encoding", "norm", "mlp", "bias", "tie_embeddings")
+SHAPE_OPTIONS = ("n_layer", "n_head", "d_model", "d_ff", "pos_encoding", "norm", "mlp", "bias", "tie_embeddings",
+                 "residual_scalars", "logit_softcap", "value_embeddings", "smear", "bigram_buckets", "qk_gain")
 
 
 def _flag(name: str) -> str:

@@ -20,6 +20,8 @@ MLPS = ("gelu", "swiglu", "relu2", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+WARMDOWN_SHAPES = ("linear", "1-sqrt")
+DEFAULT_INIT_STD = 0.02  # GPT-2's: every weight matrix and embedding starts at this standard deviation
 MUON_UNDER_FSDP = ("--optimizer muon orthogonalises whole weight matrices, which --fsdp shards; train with DDP "
                    "(--ddp, the default) or --optimizer adamw")
 
@@ -43,6 +45,15 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # The speedrun's techniques (modded-nanogpt, nanochat), each off by default; see docs/training.md.
+    residual_scalars: bool = False  # block input = λr·x + λ0·x0 (x0: the embedding), learned per layer, from 1 and 0
+    logit_softcap: float = 0.0  # > 0: logits become c·tanh(logits / c)
+    value_embeddings: bool = False  # gated per-token tables added to the attention values on alternating layers
+    smear: bool = False  # each token's embedding mixes in a gated share of the previous token's
+    bigram_buckets: int = 0  # > 0: a zero-initialised table of this many rows, indexed by hash(previous, current)
+    qk_gain: float = 1.0  # queries and keys multiplied by this after QK-norm (> 1: sharper attention)
+    head_init_std: float = DEFAULT_INIT_STD  # the untied output head's initial standard deviation
+    zero_init_projections: bool = False  # attention and MLP output projections start at zero
 
     def __post_init__(self) -> None:
         if self.d_ff == 0 and self.mlp != "none":
@@ -72,7 +83,32 @@ class ModelConfig:
                              f"{self.d_head}; change --d-model or --n-head")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (self.logit_softcap >= 0 and math.isfinite(self.logit_softcap)):
+            raise UsageError(f"--logit-softcap must be 0 (off) or a positive cap such as 15, got {self.logit_softcap}")
+        if self.bigram_buckets < 0 or self.bigram_buckets == 1:
+            raise UsageError(f"--bigram-buckets must be 0 (off) or at least 2, got {self.bigram_buckets}")
+        if not (self.qk_gain > 0 and math.isfinite(self.qk_gain)):
+            raise UsageError(f"--qk-gain must be a positive factor (1: off), got {self.qk_gain}")
+        if self.qk_gain != 1.0 and not self.qk_norm:
+            raise UsageError(f"--qk-gain {self.qk_gain:g} scales queries and keys after QK-norm; add --qk-norm")
+        if not (self.head_init_std > 0 and math.isfinite(self.head_init_std)):
+            raise UsageError(f"--head-init-std must be positive, got {self.head_init_std}")
+        if self.head_init_std != DEFAULT_INIT_STD and self.tie_embeddings:
+            raise UsageError(f"--head-init-std {self.head_init_std:g} needs its own output head: the tied head is "
+                             "the token embedding; add --no-tie-embeddings")
         return self
+
+    def techniques(self) -> list[str]:
+        """The speedrun techniques this model's forward pass uses, by option (`--smear`, ...), in a fixed order."""
+        used = {"--residual-scalars": self.residual_scalars, "--logit-softcap": self.logit_softcap > 0,
+                "--value-embeddings": self.value_embeddings, "--smear": self.smear,
+                "--bigram-buckets": self.bigram_buckets > 0, "--qk-gain": self.qk_gain != 1.0}
+        return [flag for flag, on in used.items() if on]
+
+    @property
+    def reads_previous_token(self) -> bool:
+        """Whether each position also reads the token before it (smear, bigram table): a cache keeps the ids."""
+        return self.smear or self.bigram_buckets > 0
 
 
 @dataclass
@@ -86,13 +122,20 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the decay ends at lr x this
     warmup_steps: int = 100
     warmdown: float = 0.0  # 0: cosine decay; else hold lr, then fall linearly over this last share of the run
+    warmdown_shape: str = "linear"  # linear | 1-sqrt: the multiplier falls as 1 - t or 1 - sqrt(t) over the warmdown
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its updates are scaled to AdamW's size)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch.optim.Muon's ns_steps)
     time_budget: float = 0.0  # seconds; > 0: train until then (evaluation and saving included), not max_steps
     weight_decay: float = 0.1
+    muon_cautious_wd: bool = False  # Muon decays only where update and weight agree in sign, the decay cosine to 0
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8
+    embed_lr_scale: float = 1.0  # AdamW's lr for the lookup tables (token, position, value, bigram) = lr x this
+    head_lr_scale: float = 1.0  # for an untied output head
+    scalar_lr_scale: float = 1.0  # for the techniques' scalars and gates (residual scalars, smear, value gates)
+    ema_decay: float = 0.0  # > 0: keep an average of the weights (decay per step), saved as the run's weights
     grad_clip: float = 1.0
     eval_every: int = 250
     eval_batches: int = 8
@@ -132,11 +175,52 @@ class TrainConfig:
             raise UsageError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
         if not 1 <= self.muon_ns_steps <= 20:
             raise UsageError(f"--muon-ns-steps must be 1 to 20, got {self.muon_ns_steps}")
+        _choice("--warmdown-shape", self.warmdown_shape, WARMDOWN_SHAPES)
+        if self.warmdown_shape != "linear" and self.warmdown == 0:
+            raise UsageError(f"--warmdown-shape {self.warmdown_shape} shapes the warmdown; give --warmdown F too "
+                             "(e.g. 0.5)")
+        if self.muon_cautious_wd and self.optimizer != "muon":
+            raise UsageError("--muon-cautious-wd changes Muon's weight decay; add --optimizer muon")
+        if not (0 < self.adam_eps < 1):
+            raise UsageError(f"--adam-eps must be a small positive number such as 1e-10, got {self.adam_eps}")
+        for flag, value in (("--embed-lr-scale", self.embed_lr_scale), ("--head-lr-scale", self.head_lr_scale),
+                            ("--scalar-lr-scale", self.scalar_lr_scale)):
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"{flag} must be a positive multiple of --lr, got {value}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UsageError(f"--ema-decay must be in [0, 1) (0: off; e.g. 0.99), got {self.ema_decay}")
+        if self.ema_decay and self.fsdp:
+            raise UsageError("--ema-decay averages whole weights, which --fsdp shards; train with DDP (--ddp)")
         return self
 
     @property
     def checkpoint_every(self) -> int:
         return self.save_every or self.eval_every
+
+
+# What a resumed run cannot change: the optimizer's saved state is laid out in these groups, and the saved
+# weights are the average (or not).
+FIXED_ON_RESUME = ("embed_lr_scale", "head_lr_scale", "scalar_lr_scale", "ema_decay")
+
+
+def check_together(model: ModelConfig, train: TrainConfig) -> None:
+    """Raise `UsageError` for a training option that has nothing to act on in this model."""
+    if train.head_lr_scale != 1.0 and model.tie_embeddings:
+        raise UsageError("--head-lr-scale needs its own output head: the tied head is the token embedding "
+                         "(--embed-lr-scale sets its lr); add --no-tie-embeddings")
+    if train.scalar_lr_scale != 1.0 and not (model.residual_scalars or model.smear or model.value_embeddings):
+        raise UsageError("--scalar-lr-scale sets the lr of the residual scalars, smear and value-embedding gates, "
+                         "which this model lacks; add --residual-scalars, --smear or --value-embeddings")
+
+
+def check_resume_keeps(saved: TrainConfig, requested: TrainConfig) -> None:
+    """On --resume, name the first option in FIXED_ON_RESUME that tries to change."""
+    for name in FIXED_ON_RESUME:
+        old, new = getattr(saved, name), getattr(requested, name)
+        if new != old:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--resume keeps {flag} as the run started ({old:g}; its saved optimizer state and "
+                             f"weights depend on it), but {new:g} was given; drop {flag} or start a new run")
 
 
 @dataclass

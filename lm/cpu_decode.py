@@ -21,6 +21,7 @@ from torch import nn
 from lm import cpu_kernels
 from lm.cpu_kernels import BlockSpec, LinearSpec, ModelSpec
 from lm.int8 import Int8Linear
+from lm.loss import soft_cap
 from lm.model import GPT, KVCache
 
 MLP_KINDS = {"gelu": 0, "swiglu": 1, "relu2": 2}
@@ -85,6 +86,12 @@ class CpuDecoder:
             self._libraries[batch] = library or cpu_kernels.load()
         return self._libraries[batch]
 
+    def prepare(self, max_batch: int) -> None:
+        """Choose the builds for every batch up to `max_batch` now (a measurement each, the first time on a
+        machine), so that a server's first batches of each size do not wait for one."""
+        for batch in range(1, max_batch + 1):
+            self.library(batch)
+
     def linear_specs(self) -> list[LinearSpec]:
         """The linear layers a token streams through: every block's, then the output head."""
         names = ["qkv", "proj", *(["gate"] if self.config.mlp == "swiglu" else []), "fc", "down"]
@@ -105,7 +112,10 @@ class CpuDecoder:
         linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
         float32 = all(isinstance(m, Int8Linear) or (m.weight.dtype == torch.float32 and m.weight.is_contiguous())
                       for m in linears)
-        return (param.device.type == "cpu" and param.dtype == torch.float32 and float32
+        # The kernels compute today's block; of the speedrun's techniques only the logit cap (applied to the
+        # kernels' logits here) is theirs: a model using any other decodes with PyTorch (GPT.decode_step).
+        techniques = [t for t in model.config.techniques() if t != "--logit-softcap"]
+        return (param.device.type == "cpu" and param.dtype == torch.float32 and float32 and not techniques
                 and model.tok_emb.weight.is_contiguous()
                 and all(type(m) in (nn.Linear, Int8Linear) for m in linears)
                 and model.config.mlp in MLP_KINDS and not model.training and cpu_kernels.load() is not None)
@@ -125,24 +135,42 @@ class CpuDecoder:
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """`model.decode_step(ids, cache)`: logits (batch, vocab) for one new token per sample, ids (batch, 1)."""
-        config, position, batch = self.config, cache.length, ids.size(0)
+        if cache.static:
+            raise ValueError("step writes at the default cache's length; give a static cache's positions to step_at")
+        positions = torch.full((ids.size(0),), cache.length, dtype=torch.int64)
+        logits = self.step_at(ids, cache, positions)
+        cache.length += 1
+        return logits
+
+    def step_at(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, vocab) for one new token per sample, ids (batch, 1), sample r at its own
+        `positions[r]` in row r of the cache's buffers: the rows of a batch may sit at different positions.
+
+        The cache may have more rows than the batch (a server's has one per slot, the active ones
+        first) and may be static: each row reads its positions up to its own only, so what later
+        positions hold never matters. `cache.length` is left alone.
+        """
+        config, batch = self.config, ids.size(0)
         if self._model() is None:
             raise ValueError("the model this decoder was made for is gone")
-        if cache.static:
-            raise ValueError("the CPU decoder writes the default cache; a static cache goes through forward()")
-        if position >= config.context_length:
-            raise ValueError(f"position {position} is past the context length {config.context_length}")
-        if cache.keys.dtype != torch.float32 or not cache.keys.is_contiguous():
+        if cache.keys.dtype != torch.float32 or not cache.keys.is_contiguous() or not cache.values.is_contiguous():
             raise ValueError("the CPU decoder needs a contiguous float32 cache")
+        rows = cache.keys.size(1)
+        if rows < batch:
+            raise ValueError(f"the cache has {rows} rows, fewer than the batch of {batch}")
         ids = ids.reshape(batch).to(torch.int64).contiguous()
+        positions = positions.reshape(batch).to(torch.int64).contiguous()
         logits = torch.empty(batch, config.vocab_size)
         work, scratch, x = self._buffers(batch)
-        library = self.library(batch)
-        if library.lm_decode_token(ctypes.byref(self.spec), ids.data_ptr(), batch, cache.keys.data_ptr(),
-                                   cache.values.data_ptr(), position, logits.data_ptr(), x, work, scratch):
-            raise ValueError(f"token ids must be in [0, {config.vocab_size})")  # checked before any write
-        cache.length = position + 1
-        return logits
+        failed = self.library(batch).lm_decode_token(
+            ctypes.byref(self.spec), ids.data_ptr(), positions.data_ptr(), batch, rows, cache.keys.data_ptr(),
+            cache.values.data_ptr(), logits.data_ptr(), x, work, scratch)
+        if failed == 1:  # both checked before any write
+            raise ValueError(f"token ids must be in [0, {config.vocab_size})")
+        if failed == 2:
+            raise ValueError(f"positions {positions.tolist()} must be in [0, {config.context_length}), "
+                             "the context length")
+        return soft_cap(logits, config.logit_softcap) if config.logit_softcap else logits
 
     def _buffers(self, batch: int) -> tuple[int, int, int]:
         """Addresses of the kernel's work floats, its int8 scratch, and room for the residual stream."""

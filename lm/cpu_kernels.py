@@ -192,8 +192,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.lm_linear.argtypes = [ctypes.POINTER(LinearSpec), _pointer, _pointer, _i64, _pointer]
     library.lm_linear.restype = None
-    library.lm_decode_token.argtypes = [ctypes.POINTER(ModelSpec), _pointer, _i64, _pointer, _pointer, _i64,
-                                        _pointer, _pointer, _pointer, _pointer]
+    library.lm_decode_token.argtypes = [ctypes.POINTER(ModelSpec), _pointer, _pointer, _i64, _i64, _pointer,
+                                        _pointer, _pointer, _pointer, _pointer, _pointer]
     library.lm_decode_token.restype = ctypes.c_int
     library.lm_kernel_name.restype = ctypes.c_char_p
     return library

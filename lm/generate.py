@@ -90,6 +90,8 @@ class CompiledDecoder:
         # these buffers are allocated once, so say so (what transformers' static cache does too).
         torch._dynamo.mark_static_address(self.cache.keys)
         torch._dynamo.mark_static_address(self.cache.values)
+        if self.cache.ids is not None:
+            torch._dynamo.mark_static_address(self.cache.ids)
         mode = "reduce-overhead" if param.device.type == "cuda" else None
         # compile=False runs the same static-shape step eagerly (for checking it, or where compiling fails).
         self._compiled = (torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False) if compile

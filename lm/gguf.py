@@ -57,7 +57,7 @@ from lm.chat import chat_token_ids, jinja_chat_template, load_chat_format
 from lm.checkpoint import load_run, model_state_dict
 from lm.config import ModelConfig
 from lm.errors import InputError, OutputError, UsageError
-from lm.hf import family
+from lm.hf import family, fold_qk_gain
 from lm.tokenizer import SPLIT_PATTERN, Tokenizer
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -107,6 +107,7 @@ def _gguf_module() -> Any:
 def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The run's tensors under llama.cpp's names and in its layout, float32, in the order they are written."""
     kind = family(config, "llama.cpp")
+    state = fold_qk_gain(state, config)
     out = {"token_embd.weight": state["tok_emb.weight"]}
     if kind == "gpt2":
         out["position_embd.weight"] = state["pos_emb.weight"]

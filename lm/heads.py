@@ -69,6 +69,15 @@ ABLATIONS = ("mean", "zero")
 INDUCTION_SEED = 0  # lm.inspect.INDUCTION_LENGTH random tokens per copy (fewer in a shorter context)
 LOGIT_BUDGET = 2**26  # logit values computed at once by the ablation passes (256 MB in float32)
 
+
+def check_plain_forward(model: GPT, what: str) -> None:
+    """Ablation, attribution and patching recompute the blocks and the head as a plain GPT does: refuse a model
+    whose forward pass has more (the speedrun's techniques other than --qk-gain, which lives in attention)."""
+    extra = [flag for flag in model.config.techniques() if flag != "--qk-gain"]
+    if extra:
+        raise UsageError(f"{what} recomputes the blocks as a plain GPT does, and this run uses {', '.join(extra)}, "
+                         "which it does not follow; inspect a run trained without them")
+
 # A head edit: given one layer's heads' outputs (batch, time, heads, d_head), return them edited.
 HeadEdit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -207,6 +216,7 @@ def ablated_losses(model: GPT, ids: torch.Tensor, masks: dict[int, torch.Tensor]
 def ablate_heads(model: GPT, tokenizer: Tokenizer, text: str, mode: str = "mean",
                  joint: list[tuple[int, int]] | None = None, top_tokens: int = 3) -> Ablation:
     """The change in loss on `text` when each head (and, with `joint`, those heads together) is ablated."""
+    check_plain_forward(model, "head ablation")
     ids_list, dropped = encode_for_inspection(model, tokenizer, text)
     if len(ids_list) < 2:
         raise InputError("the text is too short: ablation needs at least one token to predict")
@@ -406,6 +416,7 @@ def attribute_logit(model: GPT, tokenizer: Tokenizer, text: str, position: int |
                     target: int | None = None, versus: int | None = None) -> Attribution:
     """Each part's direct contribution to the logit of `target` (default: the predicted token) at
     `position` (default: the last), or to the logit difference target - `versus`; see the module docstring."""
+    check_plain_forward(model, "logit attribution")
     ids_list, _ = encode_for_inspection(model, tokenizer, text)
     position = resolve_position(position, len(ids_list))
     ids = torch.tensor([ids_list], device=next(model.parameters()).device)
@@ -528,6 +539,7 @@ def patch_activations(model: GPT, tokenizer: Tokenizer, clean: str, corrupt: str
 
     `target` defaults to the clean run's predicted token at the last position, `versus` to the corrupt run's.
     """
+    check_plain_forward(model, "activation patching")
     clean_list, dropped = encode_for_inspection(model, tokenizer, clean)
     corrupt_list, _ = encode_for_inspection(model, tokenizer, corrupt)
     if len(clean_list) != len(corrupt_list):

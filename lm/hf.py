@@ -44,6 +44,18 @@ GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
+# The speedrun techniques (ModelConfig.techniques) neither transformers' GPT-2, Llama and Qwen3 nor llama.cpp's
+# compute, and why. --qk-gain is not here: it is folded into the QK-norm gains (`fold_qk_gain`).
+UNEXPORTABLE = {
+    "--residual-scalars": "residual scalars: GPT-2, Llama and Qwen3 blocks read the residual stream alone, with no "
+                          "learned scale or embedding shortcut",
+    "--logit-softcap": "soft-capped logits: GPT-2, Llama and Qwen3 have no logit cap",
+    "--value-embeddings": "value embeddings: GPT-2, Llama and Qwen3 attention has no per-token value tables",
+    "--smear": "smear: GPT-2, Llama and Qwen3 embed each token alone, without the one before it",
+    "--bigram-buckets": "the hashed bigram table: GPT-2, Llama and Qwen3 embed single tokens, not pairs",
+}
+
+
 def family(config: ModelConfig, target: str = "transformers") -> str:
     """Which family (gpt2, llama or qwen3) a model belongs to, or a UsageError naming what blocks its export
     to `target`.
@@ -51,6 +63,10 @@ def family(config: ModelConfig, target: str = "transformers") -> str:
     transformers and llama.cpp share the GPT-2, Llama and Qwen3 families, so GGUF export asks the same
     question; ReLU² GPT-2 blocks go to transformers only.
     """
+    for flag in config.techniques():
+        if flag in UNEXPORTABLE:
+            raise UsageError(f"cannot export to {target}: this run uses {UNEXPORTABLE[flag]} ({flag}); "
+                             "export a run trained without it")
     if config.mlp == "none":
         raise UsageError(f"this run is attention-only (--mlp none), and the GPT-2, Llama and Qwen3 blocks of {target} "
                          "all have an MLP: it has no equivalent there; export a run trained with an MLP")
@@ -158,7 +174,20 @@ def _to_gpt2(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
     return out
 
 
+def fold_qk_gain(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` with --qk-gain multiplied into the QK-norm gains: RMSNorm(x)·w·g is RMSNorm(x) with gain w·g, so
+    Qwen3's q_norm and k_norm compute the sharpened queries and keys (to float rounding)."""
+    if config.qk_gain == 1.0:
+        return state
+    folded = dict(state)
+    for i in range(config.n_layer):
+        for name in (f"blocks.{i}.attn.q_norm.weight", f"blocks.{i}.attn.k_norm.weight"):
+            folded[name] = state[name] * config.qk_gain
+    return folded
+
+
 def _to_llama(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    state = fold_qk_gain(state, config)
     out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm.weight"]}
     for i in range(config.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."

@@ -401,7 +401,7 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, context: str, token_ids: list[i
     trace = model.trace(torch.tensor([ids], device=next(model.parameters()).device))
     layers = []
     for state in trace.hidden:
-        probs = model.lm_head(model.norm(state[0, position])).float().softmax(dim=-1)
+        probs = model.logits(model.norm(state[0, position]), fused=False).float().softmax(dim=-1)
         values, top = torch.topk(probs, k)
         layers.append(list(zip(top.tolist(), values.tolist(), strict=True)))
     return position, layers

@@ -8,6 +8,10 @@
 The residual stream `x` runs straight through the stack; each block adds to it (pre-norm), which keeps
 deep stacks trainable. With rotary positions (RoPE) nothing is added to the embeddings: queries and
 keys are rotated by an angle that grows with position, so their dot product depends on the distance.
+
+The speedrun's techniques (ModelConfig's fields after `rope_theta`, all off by default) hook in at four
+places: the embedding (smear, the hashed bigram table), each block's input (residual scalars with the
+embedding shortcut), attention (value embeddings, a gain on queries and keys) and the logits (soft cap).
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.config import ModelConfig
+from lm.config import DEFAULT_INIT_STD, ModelConfig
 from lm.linear import linear
-from lm.loss import head_cross_entropy
+from lm.loss import head_cross_entropy, soft_cap
+
+NO_TOKEN = -1  # the "previous id" of a sequence's first position: there is none
+# Gates read only the first channels of their input, as nanochat's and modded-nanogpt's do: a gate needs
+# a hint of which token it is at, not the whole vector, and stays nearly free.
+SMEAR_GATE_CHANNELS = 24
+VALUE_GATE_CHANNELS = 12
+# Multipliers of the bigram hash (modded-nanogpt's): large odd numbers spread (previous, current) over the table.
+BIGRAM_HASH = (36313, 27191)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +105,9 @@ class KVCache:
         allocate = torch.zeros if static else torch.empty
         self.keys = allocate(shape, device=device, dtype=dtype)
         self.values = allocate(shape, device=device, dtype=dtype)
+        # Smear and the bigram table read each token's previous id: the cache keeps the ids by position too.
+        self.ids = (torch.full((batch_size, config.context_length), NO_TOKEN, device=device)
+                    if config.reads_previous_token else None)
         self._per_layer = [(self.keys[layer], self.values[layer]) for layer in range(config.n_layer)]
         self.length = 0  # positions filled (the default mode's bookkeeping)
         self.static = static
@@ -119,6 +134,30 @@ class KVCache:
         values[:, :, self.length:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def record_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' ids (batch, new) at the positions they take; return each one's previous id
+        (NO_TOKEN at position 0), read after the store so that new tokens see each other too."""
+        assert self.ids is not None, "this cache was made for a model that does not read previous tokens"
+        if not self.static:
+            start, end = self.length, self.length + ids.size(1)
+            self.ids[:, start:end] = ids
+            if start > 0:
+                return self.ids[:, start - 1:end - 1]
+            return F.pad(self.ids[:, :end - 1], (1, 0), value=NO_TOKEN)
+        assert self.positions is not None
+        positions = self.positions.expand(ids.size(0), -1) if self.positions.dim() == 1 else self.positions
+        rows = torch.arange(ids.size(0), device=ids.device)[:, None]
+        self.ids[rows, positions] = ids
+        earlier = self.ids[rows, (positions - 1).clamp(min=0)]
+        return earlier.masked_fill(positions == 0, NO_TOKEN)
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of batch row `source` into row `target` (keys, values, ids)."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        if self.ids is not None:
+            self.ids[target, :length] = self.ids[source, :length]
+
     def allowed(self) -> torch.Tensor:
         """Static mode: True where a new token may attend (itself and before): (new tokens, buffer length),
         or (batch, 1, new tokens, buffer length) for per-row positions (the 1 broadcasts over heads)."""
@@ -135,6 +174,7 @@ class KVCache:
         """
         view = copy.copy(self)
         view.keys, view.values = self.keys[:, rows, :, :length], self.values[:, rows, :, :length]
+        view.ids = self.ids[rows, :length] if self.ids is not None else None
         view._per_layer = [(view.keys[layer], view.values[layer]) for layer in range(view.keys.size(0))]
         view.static, view.positions, view.length = True, None, 0
         return view
@@ -163,10 +203,15 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
+def has_value_embedding(layer: int, n_layer: int) -> bool:
+    """Value embeddings go to every second layer, counted down from the last (which always has one)."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention: each head compares queries with keys and mixes values."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head, self.d_head, self.dropout = config.n_head, config.d_head, config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
@@ -175,18 +220,47 @@ class Attention(nn.Module):
         # which lets training take larger steps without the softmax saturating.
         self.q_norm = nn.RMSNorm(config.d_head, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(config.d_head, eps=config.norm_eps) if config.qk_norm else None
+        # After QK-norm the logits' scale is fixed by the gains' start at 1; a gain above 1 sharpens attention
+        # from the first step (nanochat's 1.2) instead of waiting for the gains to grow.
+        self.qk_gain = config.qk_gain
+        # Value embeddings (ResFormer; nanochat, modded-nanogpt): a per-token table added to the values, each
+        # head through its own gate, 2·sigmoid(...) of the block input (1 at the start).
+        self.value_emb: nn.Embedding | None = None
+        self.value_gate: nn.Linear | None = None
+        if config.value_embeddings and has_value_embedding(layer, config.n_layer):
+            self.value_emb = nn.Embedding(config.vocab_size, config.d_model)
+            self.value_gate = nn.Linear(min(VALUE_GATE_CHANNELS, config.d_model), config.n_head, bias=False)
+
+    def queries_and_keys(self, q: torch.Tensor, k: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm, the gain and rotary positions, as the model's options ask."""
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_gain != 1.0:
+            q, k = q * self.qk_gain, k * self.qk_gain
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
+
+    def with_value_embedding(self, v: torch.Tensor, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """v (batch, heads, time, d_head) plus the gated value embedding of `ids` where this layer has one."""
+        if self.value_emb is None or self.value_gate is None:
+            return v
+        assert ids is not None, "a layer with value embeddings needs the token ids"
+        batch, time = ids.shape
+        gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # (batch, time, heads)
+        table = self.value_emb(ids).view(batch, time, self.n_head, self.d_head)
+        return v + (gate.unsqueeze(-1) * table).transpose(1, 2).to(v.dtype)  # under autocast: v's precision
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
-        cache: KVCache | None = None, layer: int = 0,
+        cache: KVCache | None = None, layer: int = 0, ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, time, width = x.shape
         q, k, v = (t.view(batch, time, self.n_head, self.d_head).transpose(1, 2)
                    for t in linear(self.qkv, x).split(width, dim=2))
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        v = self.with_value_embedding(v, x, ids)
+        q, k = self.queries_and_keys(q, k, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         weights = None
@@ -229,17 +303,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.norm1, self.attn = make_norm(config), Attention(config)
+        self.norm1, self.attn = make_norm(config), Attention(config, layer)
         # Attention-only blocks (mlp "none", as in Anthropic's circuits work) have neither the MLP nor its norm.
         self.norm2, self.mlp = (make_norm(config), MLP(config)) if config.mlp != "none" else (None, None)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False,
-        cache: KVCache | None = None, layer: int = 0,
+        cache: KVCache | None = None, layer: int = 0, ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(self.norm1(x), rope, need_weights, cache, layer)
+        attended, weights = self.attn(self.norm1(x), rope, need_weights, cache, layer, ids)
         x = x + attended
         if self.mlp is None:
             return x, weights
@@ -247,7 +321,7 @@ class Block(nn.Module):
 
 
 def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
-                 layer: int) -> torch.Tensor:
+                 layer: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """`block(x, rope, cache=cache, layer=layer)[0]` for one new token per sample, x (batch, 1, d_model).
 
     The same arithmetic as the general forward with a third of its tensor operations: no split into
@@ -256,12 +330,11 @@ def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     a noticeable share of a step whose matrix-vector products take a few milliseconds.
     """
     attn, batch, position = block.attn, x.size(0), cache.length
-    qkv = attn.qkv(block.norm1(x)).view(batch, 3, attn.n_head, 1, attn.d_head)
+    normed = block.norm1(x)
+    qkv = attn.qkv(normed).view(batch, 3, attn.n_head, 1, attn.d_head)
     q, k, v = qkv.unbind(1)  # (batch, heads, 1, d_head), views
-    if attn.q_norm is not None and attn.k_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    v = attn.with_value_embedding(v, normed, ids)
+    q, k = attn.queries_and_keys(q, k, rope)
     keys, values = cache._per_layer[layer]
     keys[:, :, position] = k[:, :, 0]
     values[:, :, position] = v[:, :, 0]
@@ -291,7 +364,20 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # Smear (modded-nanogpt, nanochat): a token's embedding plus a gated share of the previous token's,
+        # the gate λ·sigmoid(w·e) of its own embedding e, λ starting at 0 (off until training opens it).
+        if config.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.d_model), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        # A hashed bigram table (modded-nanogpt): what the pair (previous, current) adds to the embedding.
+        if config.bigram_buckets:
+            self.bigram_emb = nn.Embedding(config.bigram_buckets, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        # Residual scalars: block i reads λr[i]·x + λ0[i]·x0, x0 the embedding, so any block can reach back to
+        # the tokens themselves. At 1 and 0 the blocks read x, as without them.
+        if config.residual_scalars:
+            self.residual_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -301,12 +387,51 @@ class GPT(nn.Module):
         # does not grow with depth.
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(param, mean=0.0, std=DEFAULT_INIT_STD / math.sqrt(2 * config.n_layer))
+        self._init_techniques()
+
+    @torch.no_grad()
+    def _init_techniques(self) -> None:
+        """The starting values the speedrun techniques ask for (none of them draws random numbers unless on)."""
+        config = self.config
+        if config.zero_init_projections:  # each block starts as the identity; its first steps decide what it adds
+            for block in self.blocks:
+                nn.init.zeros_(block.attn.proj.weight)
+                if block.mlp is not None:  # attention-only blocks (--mlp none) have no MLP
+                    nn.init.zeros_(block.mlp.proj.weight)
+        if not config.tie_embeddings and config.head_init_std != DEFAULT_INIT_STD:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=config.head_init_std)
+        if config.smear:
+            nn.init.zeros_(self.smear_gate.weight)
+        if config.bigram_buckets:
+            nn.init.zeros_(self.bigram_emb.weight)
+        for block in self.blocks:
+            if block.attn.value_emb is not None and block.attn.value_gate is not None:
+                # As large as the values it is added to: a unit-RMS input through qkv's DEFAULT_INIT_STD weights.
+                nn.init.normal_(block.attn.value_emb.weight, std=DEFAULT_INIT_STD * math.sqrt(config.d_model))
+                nn.init.zeros_(block.attn.value_gate.weight)
+
+    def lookup_tables(self) -> list[nn.Parameter]:
+        """The embedding tables (token, learned positions, value embeddings, bigram): rows read, not multiplied."""
+        tables = [module.weight for module in self.modules() if isinstance(module, nn.Embedding)]
+        if not self.config.tie_embeddings:
+            return tables
+        return [t for t in tables if t is not self.lm_head.weight] + [self.tok_emb.weight]  # the tied matrix once
+
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        """The techniques' scalars and gates: residual and x0 lambdas, the smear's lambda and gate, value gates."""
+        scalars = []
+        if self.config.residual_scalars:
+            scalars += [self.residual_lambdas, self.x0_lambdas]
+        if self.config.smear:
+            scalars += [self.smear_lambda, self.smear_gate.weight]
+        scalars += [b.attn.value_gate.weight for b in self.blocks if b.attn.value_gate is not None]
+        return scalars
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=DEFAULT_INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -327,18 +452,19 @@ class GPT(nn.Module):
         head is the largest product of a small model.
         """
         positions = self._positions(ids, cache)
-        x = self.embed(ids, positions)
+        x0 = x = self.embed(ids, positions, self._previous_ids(ids, cache))
         rope = self._rope(positions)
         for index, block in enumerate(self.blocks):
-            x, _ = block(x, rope, cache=cache, layer=index)
+            x, _ = block(self.block_input(index, x, x0), rope, cache=cache, layer=index, ids=ids)
         if cache is not None and not cache.static:
             cache.length += ids.size(1)
         if logits_from:
             x = x[:, logits_from:]
         x = self.norm(x)
         if targets is None:
-            return linear(self.lm_head, x), None
-        return None, head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets[:, logits_from:].flatten())
+            return self.logits(x), None
+        return None, head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets[:, logits_from:].flatten(),
+                                        softcap=self.config.logit_softcap)
 
     def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per sample, ids (batch, 1), after the `cache`'s tokens.
@@ -351,12 +477,12 @@ class GPT(nn.Module):
             raise ValueError("decode_step writes the default cache; a static cache goes through forward()")
         if position >= self.config.context_length:
             raise ValueError(f"position {position} is past the context length {self.config.context_length}")
-        x = self.embed(ids, slice(position, position + 1))
+        x0 = x = self.embed(ids, slice(position, position + 1), self._previous_ids(ids, cache))
         rope = self._rope(slice(position, position + 1))
         for index, block in enumerate(self.blocks):
-            x = decode_block(block, x, rope, cache, index)
+            x = decode_block(block, self.block_input(index, x, x0), rope, cache, index, ids)
         cache.length = position + 1
-        return self.lm_head(self.norm(x))[:, 0]
+        return self.logits(self.norm(x), fused=False)[:, 0]
 
     def trace(self, ids: torch.Tensor, attention_layers: set[int] | frozenset[int] = frozenset()) -> Trace:
         """A forward pass that keeps what inspection needs: the residual stream after the embedding and
@@ -365,15 +491,30 @@ class GPT(nn.Module):
         Only the chosen layers take the explicit attention path; the others run the fused kernel.
         """
         positions = self._positions(ids, None)
-        x = self.embed(ids, positions)
+        x0 = x = self.embed(ids, positions, self._previous_ids(ids, None))
         rope = self._rope(positions)
         hidden, weights = [x], {}
         for index, block in enumerate(self.blocks):
-            x, layer_weights = block(x, rope, need_weights=index in attention_layers)
+            x, layer_weights = block(self.block_input(index, x, x0), rope, need_weights=index in attention_layers,
+                                     ids=ids)
             hidden.append(x)
             if layer_weights is not None:
                 weights[index] = layer_weights
-        return Trace(linear(self.lm_head, self.norm(x)), weights, hidden)
+        return Trace(self.logits(self.norm(x)), weights, hidden)
+
+    def block_input(self, index: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """What block `index` reads: the residual stream x, or with residual scalars λr·x + λ0·x0."""
+        if not self.config.residual_scalars:
+            return x
+        return self.residual_lambdas[index] * x + self.x0_lambdas[index] * x0
+
+    def logits(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """The output head on the final normed stream, soft-capped where the model caps its logits.
+
+        `fused`: through lm/linear.py's measured kernel (a batch of positions), or nn.Linear's own (decoding)."""
+        logits = linear(self.lm_head, x) if fused else self.lm_head(x)
+        cap = self.config.logit_softcap
+        return soft_cap(logits.float(), cap) if cap else logits
 
     def _positions(self, ids: torch.Tensor, cache: KVCache | None) -> slice | torch.Tensor:
         """The positions `ids` take: a slice after the cached tokens, or a static cache's tensor."""
@@ -386,14 +527,42 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {end} exceed the context length {self.config.context_length}")
         return slice(start, end)
 
-    def embed(self, ids: torch.Tensor, positions: slice | torch.Tensor) -> torch.Tensor:
-        """Token embeddings plus, for learned or sinusoidal positions, those of `positions`."""
+    def _previous_ids(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+        """Each position's previous token id (NO_TOKEN before the first), for smear and the bigram table; None
+        when the model reads no previous tokens. With a cache, the cached tokens come first (it stores `ids`)."""
+        if not self.config.reads_previous_token:
+            return None
+        if cache is None:
+            return F.pad(ids[:, :-1], (1, 0), value=NO_TOKEN)
+        return cache.record_ids(ids)
+
+    def embed(self, ids: torch.Tensor, positions: slice | torch.Tensor,
+              previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (smeared with the previous token's, plus a bigram table's row, where the model
+        has those: `previous` holds the previous ids) plus, for learned or sinusoidal positions, those of
+        `positions`."""
         x = self.tok_emb(ids)
+        if previous is not None:
+            x = self._with_previous_token(x, ids, previous)
         if self.config.pos_encoding == "learned":
             x = x + self.pos_emb.weight[positions]
         elif self.config.pos_encoding == "sinusoidal":
             x = x + self.pos_table[positions]
         return dropout(x, self.config.dropout if self.training else 0.0)
+
+    def _with_previous_token(self, x: torch.Tensor, ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Smear and the bigram table: what the previous ids add to the token embeddings x."""
+        if self.config.smear:
+            # The new tokens of a call take consecutive positions: each one's previous embedding is the row
+            # before it, but the first's, which is looked up (a cached token's, or zeros at position 0).
+            first = previous[:, :1]
+            before = self.tok_emb(first.clamp(min=0)).masked_fill((first == NO_TOKEN).unsqueeze(-1), 0.0)
+            earlier = torch.cat([before, x[:, :-1]], dim=1)
+            gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+            x = x + gate * earlier
+        if self.config.bigram_buckets:
+            x = x + self.bigram_emb(bigram_buckets(previous, ids, self.config.bigram_buckets))
+        return x
 
     def _rope(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.pos_encoding != "rope":
@@ -402,6 +571,13 @@ class GPT(nn.Module):
         if isinstance(positions, torch.Tensor) and positions.dim() == 2:  # per row: (batch, 1 for the heads, time, d)
             return cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
+
+
+def bigram_buckets(previous: torch.Tensor, ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The bigram table's row for each (previous, current) pair: a hash over all rows but the last, which
+    is kept for a sequence's first token (no previous one)."""
+    hashed = torch.bitwise_xor(BIGRAM_HASH[0] * ids, BIGRAM_HASH[1] * previous) % (buckets - 1)
+    return hashed.masked_fill(previous == NO_TOKEN, buckets - 1)
 
 
 def use_decoding_layout(model: GPT) -> GPT:

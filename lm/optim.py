@@ -13,15 +13,18 @@ multiplies bfloat16 faster than float32 and in float32 elsewhere (`newton_schulz
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from lm import cpu_choices
 from lm.config import TrainConfig
+from lm.errors import UsageError
 
 try:  # the learning-rate adjustment torch.optim.Muon applies to each matrix, by its shape
     from torch.optim._muon import _adjust_lr
@@ -42,25 +45,53 @@ _ns_choices = cpu_choices.MeasuredChoices("cpu-newton-schulz.json", NS_DTYPE_ENV
 
 
 def make_optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """The optimizers of a run: [AdamW], or [Muon for hidden matrices, AdamW for the rest]."""
+    """The optimizers of a run: [AdamW], or [Muon for hidden matrices, AdamW for the rest].
+
+    AdamW's groups: the weight matrices (decayed), the embedding tables (lr x embed_lr_scale), an untied
+    output head (x head_lr_scale), the speedrun techniques' scalars and gates (x scalar_lr_scale), and
+    norm gains and biases. Only matrices are decayed: decaying biases, gains, tables of rows read one at a
+    time by token, and scalars just hurts, so tables and scalars are left alone when they have an lr of
+    their own. A group's `lr_scale` is its lr as a multiple of the schedule's (`set_lr`).
+    """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    hidden = ([p for name, p in named if p.dim() == 2 and name.startswith("blocks.")]
-              if config.optimizer == "muon" else [])
+    tables = {id(p) for p in getattr(model, "lookup_tables", list)()}
+    scalars = {id(p) for p in getattr(model, "scalar_parameters", list)()}
+    head = getattr(model, "lm_head", None)
+    head_id = id(head.weight) if head is not None and not model.config.tie_embeddings else None
+    hidden = ([p for name, p in named if p.dim() == 2 and name.startswith("blocks.")
+               and id(p) not in tables and id(p) not in scalars] if config.optimizer == "muon" else [])
     chosen = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in chosen]
-    # Weight decay on matrices only: decaying biases and norm gains just hurts.
+
+    def group(params: list[nn.Parameter], weight_decay: float, lr_scale: float = 1.0) -> dict:
+        return {"params": params, "weight_decay": weight_decay, "lr_scale": lr_scale}
+
+    def own(scale: float, ids: set[int]) -> list[nn.Parameter]:  # parameters given an lr of their own
+        return [p for p in rest if id(p) in ids] if scale != 1.0 else []
+
+    embed = own(config.embed_lr_scale, tables)
+    head_params = own(config.head_lr_scale, {head_id} if head_id is not None else set())
+    scalar = own(config.scalar_lr_scale, scalars)
+    apart = {id(p) for p in (*embed, *head_params, *scalar)}
+    plain = [p for p in rest if id(p) not in apart]
     groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        group([p for p in plain if p.dim() >= 2 and id(p) not in scalars], config.weight_decay),
+        group([p for p in plain if p.dim() < 2 or id(p) in scalars], 0.0),
+        group(embed, 0.0, config.embed_lr_scale),
+        group(head_params, config.weight_decay, config.head_lr_scale),
+        group(scalar, 0.0, config.scalar_lr_scale),
     ]
     # The fused kernel updates all parameters in one pass (CUDA, and CPUs since torch 2.4).
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+        [g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps,
         fused=device.type in ("cuda", "cpu"))]
+    for adamw_group in optimizers[0].param_groups:
+        adamw_group["lr"] = config.lr * adamw_group["lr_scale"]
     if hidden:
         optimizers.insert(0, BatchedMuon(hidden, lr=config.lr * config.muon_lr_scale,
                                           weight_decay=config.weight_decay, momentum=0.95,
-                                          ns_steps=config.muon_ns_steps, adjust_lr_fn="match_rms_adamw"))
+                                          ns_steps=config.muon_ns_steps, adjust_lr_fn="match_rms_adamw",
+                                          cautious_weight_decay=config.muon_cautious_wd))
         optimizers[0].param_groups[0]["lr_scale"] = config.muon_lr_scale
     return optimizers
 
@@ -81,10 +112,20 @@ class BatchedMuon(torch.optim.Muon):
     with a PyTorch whose Muon is laid out otherwise, it is plain `torch.optim.Muon`.
     """
 
+    def __init__(self, params: Any, *args: Any, cautious_weight_decay: bool = False, **kwargs: Any) -> None:
+        """`cautious_weight_decay`: decay each weight only where its update points the same way as the weight
+        (shrinking it already), as modded-nanogpt and nanochat do; the rest are left alone (Chen et al. 2025)."""
+        super().__init__(params, *args, **kwargs)
+        if cautious_weight_decay and not _BATCHABLE:
+            raise UsageError("--muon-cautious-wd needs the Muon of PyTorch 2.9 or later (torch.optim.Muon's "
+                             "_init_group); upgrade torch or leave the option off")
+        self.cautious_weight_decay = cautious_weight_decay
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         params = [p for group in self.param_groups for p in group["params"]]
-        if not _BATCHABLE or any(p.device.type != "cpu" for p in params):
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        if not _BATCHABLE or not (on_cpu or self.cautious_weight_decay):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -100,9 +141,17 @@ class BatchedMuon(torch.optim.Muon):
             momentum = group["momentum"]
             torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, momentum_buffers, momentum) if group["nesterov"] else momentum_buffers
-            orthogonal = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            orthogonal = (newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"]) if on_cpu
+                          # off the CPU (cautious decay only) in bfloat16, as torch.optim.Muon's own iterations run
+                          else newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                             lambda *_: torch.bfloat16))
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
-            torch._foreach_mul_(with_grad, 1 - lr * group["weight_decay"])
+            if self.cautious_weight_decay:
+                for param, update in zip(with_grad, orthogonal, strict=True):
+                    agree = (update * param) >= 0  # the update (subtracted) already pulls the weight towards 0
+                    param.addcmul_(param, agree, value=-lr * group["weight_decay"])
+            else:
+                torch._foreach_mul_(with_grad, 1 - lr * group["weight_decay"])
             for param, update in zip(with_grad, orthogonal, strict=True):
                 param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss
@@ -218,12 +267,73 @@ def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def set_muon_weight_decay(optimizers: list[torch.optim.Optimizer], weight_decay: float) -> None:
+    """Muon's weight decay for the next step (the AdamW groups keep theirs)."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.Muon):
+            for group in optimizer.param_groups:
+                group["weight_decay"] = weight_decay
+
+
+def muon_weight_decay_at(step: int, config: TrainConfig, progress: float | None = None) -> float:
+    """Muon's weight decay: `weight_decay` throughout, or with `muon_cautious_wd` a cosine from it to 0 over the
+    run (nanochat's schedule: the decay that keeps weights small early is not wanted at the end)."""
+    if not config.muon_cautious_wd:
+        return config.weight_decay
+    if progress is None:
+        progress = step / max(1, config.max_steps)
+    return config.weight_decay * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights: after each step, avg ← avg + (1 - d)(w - avg).
+
+    Averaging the last few hundred steps' weights smooths out the noise of the latest ones, which helps
+    most when a run sees its data several times. The decay d of the n-th update is min(decay,
+    (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with num_updates): with `decay` alone the
+    random starting weights would still weigh 0.99^100 = 37% after 100 steps at 0.99, so a short run's
+    average would be mostly its start. `swapped_in` lends the average to the model (for evaluation and
+    saving) and puts the trained weights back.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]  # a tied matrix once
+        self.params = [p for _, p in model.named_parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, count: int) -> None:
+        """Take in the weights after the `count`-th step (1 for the first)."""
+        decay = min(self.decay, (1 + count) / (10 + count))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    def load(self, named: dict[str, torch.Tensor]) -> None:
+        """Take the average from `named` tensors (a saved state dict's), by parameter name."""
+        with torch.no_grad():
+            for name, average in zip(self.names, self.average, strict=True):
+                average.copy_(named[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the average inside the block, its trained weights again after it."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.data for p in self.params], self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], trained)
+
+
 def lr_at(step: int, config: TrainConfig, progress: float | None = None) -> float:
     """Linear warmup over `warmup_steps` to `lr`, then a decay to `lr x min_lr_ratio` at the end.
 
     The end is `max_steps`, or with a time budget the moment training must stop (`progress` is then the
     share of that time spent, 0..1). The decay is a cosine, or with `warmdown` > 0 a constant `lr`
-    followed by a straight line down over that last share of the run.
+    followed by a straight line down over that last share of the run (`warmdown_shape` "1-sqrt": the
+    multiplier falls as 1 - sqrt(t) over the warmdown, t from 0 to 1, instead of 1 - t).
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -233,6 +343,8 @@ def lr_at(step: int, config: TrainConfig, progress: float | None = None) -> floa
     progress = min(1.0, max(0.0, progress))
     floor = config.lr * config.min_lr_ratio
     if config.warmdown > 0:
-        down = min(1.0, (1.0 - progress) / config.warmdown)
+        down = min(1.0, (1.0 - progress) / config.warmdown)  # 1 until the warmdown starts, 0 at the end
+        if config.warmdown_shape == "1-sqrt":  # stays higher longer, then falls steeply (Hägele et al. 2024)
+            down = 1.0 - math.sqrt(1.0 - down)
         return floor + (config.lr - floor) * down
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))

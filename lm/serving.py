@@ -10,7 +10,9 @@ own) repeats `step`:
 2. waiting requests join while there are free rows: each prompt is prefilled into its row alone
    (one forward over the prompt through a one-row `KVCache.view`), and its first token is sampled
    from that pass;
-3. one decode step: every active sequence's last token, at its own position, in one batched forward.
+3. one decode step: every active sequence's last token, at its own position, in one batched step:
+   through lm's C kernels where they apply (a float32 model on a CPU: `CpuDecoder.step_at`, one call
+   for the whole batch), else one forward of the model.
 
 Sequences sit at different positions, so the decode step gives the cache per-row positions
 (`positions` of shape (batch, 1)): each row writes its token's keys and values at its own position
@@ -42,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lm import cpu_kernels
+from lm.cpu_decode import CpuDecoder, cpu_decoder_for
 from lm.errors import InputError, LmError, UsageError
 from lm.generate import StopScanner, random_seed
 from lm.model import GPT, KVCache
@@ -146,6 +150,10 @@ class Scheduler:
         self.context_length = model.config.context_length
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = KVCache(model.config, max_batch, param.device, param.dtype, static=True)
+        # A plain GPT only: a wrapped one (compiled, sharded) does work in its own forward.
+        self._cpu_decoder: CpuDecoder | None = cpu_decoder_for(model) if type(model) is GPT else None
+        if self._cpu_decoder is not None:
+            self._cpu_decoder.prepare(max_batch)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._waiting: deque[_Sequence] = deque()  # guarded by the lock
@@ -153,6 +161,13 @@ class Scheduler:
         self._occupied = 0  # len(_active) as other threads may read it (under the lock)
         self._closed = False
         self._finished = self._cancelled = self._failed = self._peak_batch = 0
+
+    @property
+    def kernels(self) -> str:
+        """What runs the decode step, for start-up lines: lm's C kernels (and their build) or PyTorch."""
+        if self._cpu_decoder is None:
+            return "PyTorch"
+        return f"lm's C kernels ({cpu_kernels.kernel_name(self._cpu_decoder.library(1))})"
 
     # Any thread --------------------------------------------------------------------------------------
 
@@ -268,9 +283,12 @@ class Scheduler:
         active = self._active
         positions = torch.tensor([[s.position] for s in active], dtype=torch.long, device=self.device)
         ids = torch.tensor([[s.last_token] for s in active], dtype=torch.long, device=self.device)
-        view = self.cache.view(slice(0, len(active)), max(s.position for s in active) + 1)
-        view.positions = positions
-        logits = self.model(ids, cache=view)[0][:, -1]
+        if self._cpu_decoder is not None:
+            logits = self._cpu_decoder.step_at(ids, self.cache, positions)
+        else:
+            view = self.cache.view(slice(0, len(active)), max(s.position for s in active) + 1)
+            view.positions = positions
+            logits = self.model(ids, cache=view)[0][:, -1]
         self._peak_batch = max(self._peak_batch, len(active))
         for sequence in active:
             sequence.position += 1
@@ -281,6 +299,8 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, sequences: Sequence[_Sequence]) -> list[int]:
         """The next token of each row: greedy rows by one argmax, sampled rows each with its own generator."""
         greedy = [row for row, s in enumerate(sequences) if s.request.sampling.greedy]
+        if len(greedy) == len(sequences):  # what sample_next does for greedy rows, without its copies
+            return logits.argmax(dim=-1).tolist()
         tokens = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
         if greedy:
             tokens[greedy] = sample_next(logits[greedy], sequences[greedy[0]].request.sampling)
@@ -337,9 +357,7 @@ class Scheduler:
 
     def _move_row(self, source: int, target: int) -> None:
         """Copy the filled positions of cache row `source` into row `target`."""
-        filled = self._active[source].position
-        self.cache.keys[:, target, :, :filled] = self.cache.keys[:, source, :, :filled]
-        self.cache.values[:, target, :, :filled] = self.cache.values[:, source, :, :filled]
+        self.cache.copy_row(source, target, self._active[source].position)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

@@ -59,11 +59,14 @@ from lm.linear import kernel_for, onednn_available, requested_kernel
 from lm.model import GPT
 from lm.optim import (
     BatchedMuon,
+    WeightAverage,
     adopt_newton_schulz_choices,
     lr_at,
     make_optimizers,
+    muon_weight_decay_at,
     requested_newton_schulz_dtype,
     set_lr,
+    set_muon_weight_decay,
 )
 from lm.tokenizer import Tokenizer
 
@@ -155,10 +158,9 @@ def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per matrix weight (forward + backward) plus attention's score products."""
     config = model.config
     matmul_params = model.num_parameters()
-    if config.pos_encoding == "learned":
-        matmul_params -= model.pos_emb.weight.numel()
-    if not config.tie_embeddings:
-        matmul_params -= model.tok_emb.weight.numel()  # a lookup, not a product
+    for table in model.lookup_tables():  # positions, value and bigram tables, an untied embedding: lookups
+        if table is not model.lm_head.weight:
+            matmul_params -= table.numel()
     return 6 * matmul_params + 12 * config.n_layer * config.d_model * config.context_length
 
 
@@ -201,6 +203,8 @@ class Trainer:
             raise UsageError("--track-heads reads every head's whole attention weights, which --fsdp shards; "
                              "train with DDP (--ddp, the default) or drop --track-heads")
         self.optimizers = make_optimizers(self.model, config, self.device)
+        # --ema-decay: the average starts from the weights the run starts from (a resumed run's saved average).
+        self.average = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, config.seed,
@@ -270,6 +274,8 @@ class Trainer:
     def _train_step(self, lr: float) -> torch.Tensor:
         """One optimiser step over `grad_accum` micro-batches; returns the mean loss (on the device)."""
         set_lr(self.optimizers, lr)
+        if self.config.muon_cautious_wd:
+            set_muon_weight_decay(self.optimizers, muon_weight_decay_at(self.step, self.config, self.length.progress()))
         total = torch.zeros((), device=self.device)
         for micro in range(self.config.grad_accum):
             inputs, targets = self._batch()
@@ -280,6 +286,8 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         self._step_optimizers()
+        if self.average is not None:
+            self.average.update(self.step + 1)
         return total
 
     def _step_optimizers(self) -> None:
@@ -315,8 +323,10 @@ class Trainer:
         return inputs.to(self.device), targets.to(self.device)
 
     def evaluate(self, train_loss: float | None = None, complete: bool = True) -> Evaluation:
-        """Loss and bits per byte on the validation text, and a sample, at the current step (see `Validation`)."""
-        return self.validation.evaluate(self.step, train_loss, complete)
+        """Loss and bits per byte on the validation text, and a sample, at the current step (see `Validation`):
+        of the weights' average where the run keeps one, as that is what it saves."""
+        with self.average.swapped_in() if self.average is not None else contextlib.nullcontext():
+            return self.validation.evaluate(self.step, train_loss, complete)
 
     def _evaluate_at_start(self, on_update: Callable[[TrainUpdate], None] | None) -> Evaluation:
         """Where a run that starts from trained weights stands before it moves them: all of the validation text."""
@@ -509,6 +519,11 @@ class Checkpoints:
         t = self.trainer
         weights = (checkpoint.deduplicate(get_model_state_dict(t.model, options=FULL_ON_CPU), t.model.config)
                    if t.fsdp else checkpoint.model_state_dict(t.model))
+        trained = None
+        if t.average is not None:  # the average is the run's weights; the trained ones are kept to resume from
+            trained = {name: tensor.clone() for name, tensor in weights.items()}
+            with t.average.swapped_in():
+                weights = {name: tensor.clone() for name, tensor in checkpoint.model_state_dict(t.model).items()}
         state: dict[str, Any] = {
             "step": step, "elapsed_s": elapsed_s, "tokens_seen": tokens_seen,
             "optimizer": get_optimizer_state_dict(t.model, t.optimizers, options=FULL_ON_CPU),
@@ -518,6 +533,8 @@ class Checkpoints:
             state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
         if t.scaler is not None:
             state["scaler"] = t.scaler.state_dict()
+        if trained is not None:
+            state["trained_weights"] = trained
         if t.dist.is_main:
             checkpoint.save_checkpoint(t.setup.run_dir, weights, state, step)
         distributed.barrier(t.dist)  # nobody runs ahead of a checkpoint being written
@@ -528,6 +545,8 @@ class Checkpoints:
         """Put the optimiser, sampler, random states and scaler back as saved; returns the step, elapsed seconds
         and tokens seen. The metrics logged after the checkpoint are dropped: the run takes those steps again."""
         t = self.trainer
+        if "trained_weights" in state:  # the weights file held the average (already taken as its start)
+            t.model.load_state_dict(state["trained_weights"], strict=False)
         # Every process read the same full checkpoint; FSDP keeps its own shard of each tensor.
         set_optimizer_state_dict(t.model, t.optimizers, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=t.fsdp))

@@ -232,8 +232,9 @@ def random_weights(model, seed: int = 0, scale: float = 0.2) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def write_run(path: Path, tokenizer, config, seed: int = 0) -> Path:
-    """A run directory holding a randomly weighted model of `config`, as `lm train` would lay it out."""
+def write_run(path: Path, tokenizer, config, seed: int = 0, scale: float = 0.2) -> Path:
+    """A run directory holding a randomly weighted model of `config` (`random_weights` with `scale`), as
+    `lm train` would lay it out."""
     from safetensors.torch import save_file
 
     from lm import rundir
@@ -242,7 +243,7 @@ def write_run(path: Path, tokenizer, config, seed: int = 0) -> Path:
     from lm.model import GPT
 
     model = GPT(config)
-    random_weights(model, seed)
+    random_weights(model, seed, scale)
     path.mkdir(parents=True)
     save_file(model_state_dict(model), str(path / rundir.WEIGHTS))
     tokenizer.save(path / rundir.TOKENIZER)

@@ -90,7 +90,9 @@ def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, na
         dense.weight.copy_(torch.randn(36, 200, generator=generator))
     quantized = Int8Linear(dense)
     float_spec = cpu_kernels.LinearSpec(dense.weight.data_ptr(), None, None, None, dense.bias.data_ptr(), 200, 36, 200)
-    for rows in (1, 3):  # one row takes the four-rows-per-pass path, several rows the other
+    # One row takes the one-row paths; 3 rows the row-by-row loop; 8 and 9 the AVX2 build's tiles of two
+    # activation rows (9: an odd row out).
+    for rows in (1, 3, 8, 9):
         x = torch.randn(rows, 200, generator=generator)
         for spec, exact in ((quantized.spec(), True), (float_spec, False)):
             outputs = []
@@ -102,6 +104,8 @@ def test_the_avx2_and_plain_c_builds_compute_what_this_cpu_s_does(march: str, na
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
             else:
                 torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-4)
+                with torch.no_grad():
+                    torch.testing.assert_close(outputs[1], dense(x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_model_quantized_after_decoding_gets_a_new_decoder_and_copies_are_plain() -> None:
@@ -209,3 +213,31 @@ def test_generate_decodes_with_the_measured_build_and_says_which(measured_builds
                                                       stats=stats)]
     assert stats.kernels == "lm's C kernels (portable)"
     assert tokens == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_at_different_positions_decode_as_each_alone(family: str) -> None:
+    """step_at: a server's batch, each row at its own position, in a static cache with spare rows."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, context_length=16, n_layer=2, n_head=2, d_model=40, **FAMILIES[family])
+    model = prepare_for_generation(GPT(config))
+    decoder = cpu_decoder_for(model)
+    lengths = [3, 9]  # tokens each row has read; its next token goes at that position
+    ids = torch.randint(0, 61, (2, 10))
+    shared = KVCache(config, 3, static=True)  # a third, idle row: the kernel must leave it alone
+    shared.keys[:, 2] = 7.0
+    with torch.inference_mode():
+        for row, length in enumerate(lengths):
+            view = shared.view(slice(row, row + 1), length)
+            view.positions = torch.arange(length)
+            model(ids[row:row + 1, :length], cache=view)
+        logits = decoder.step_at(torch.stack([ids[r, n] for r, n in enumerate(lengths)])[:, None], shared,
+                                 torch.tensor(lengths))
+        for row, length in enumerate(lengths):
+            alone = model(ids[row:row + 1, :length + 1])[0][:, -1]
+            torch.testing.assert_close(logits[row:row + 1], alone, atol=2e-5, rtol=1e-5)
+    assert (shared.keys[:, 2] == 7.0).all()
+    with pytest.raises(ValueError, match="context length"):
+        decoder.step_at(ids[:, :1], shared, torch.tensor([3, 16]))
+    with pytest.raises(ValueError, match="fewer than the batch"):
+        decoder.step_at(torch.zeros(4, 1, dtype=torch.long), shared, torch.zeros(4))

@@ -1,5 +1,6 @@
-"""The attention explorer page (`lm inspect-attention --save FILE.html`): its data, its size, and how it
-behaves in a real browser (headless Chromium, skipped with a notice where none is installed).
+"""The attention explorer page (`lm inspect-attention --save FILE.html`, and `lm inspect-heads --save`, which
+adds the heads' effects): its data, its size, and how it behaves in a real browser (headless Chromium,
+skipped with a notice where none is installed).
 
 Screenshots of each view go to $LM_SCREENSHOT_DIR when it is set (the README's come from
 `LM_SCREENSHOT_RUN=runs/demo LM_SCREENSHOT_DIR=docs/images pytest tests/test_page.py -k screenshots`),
@@ -212,5 +213,186 @@ def test_screenshots(browser: Browser, page: Path, tmp_path: Path) -> None:
         browser.evaluate("window.scrollTo(0, 0)")
         browser.screenshot(folder / f"{view}-view.png", selector="body")  # the page, without empty viewport
         data = (folder / f"{view}-view.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    assert browser.errors() == []
+
+
+# The page of `lm inspect-heads --save`: the attention page with the heads' effects -------------------
+
+
+@pytest.fixture(scope="module")
+def heads_page(page_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("heads-html") / "heads.html"
+    shown = run_lm("inspect-heads", page_run, "--text", TEXT, "--save", path)
+    assert shown.returncode == 0, shown.stderr
+    assert "direct logit attribution" in shown.stdout  # the terminal's tables, as without --save
+    assert f"file://{path.resolve()}" in shown.stderr.replace("\n", "")
+    return path
+
+
+@pytest.fixture(scope="module")
+def heads_json(page_run: Path) -> dict:
+    """`lm inspect-heads --format json` on TEXT: the numbers the page must show."""
+    shown = run_lm("inspect-heads", page_run, "--text", TEXT, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def test_the_heads_page_carries_both_documents(page_run: Path, heads_page: Path, heads_json: dict) -> None:
+    found = page_document(heads_page.read_text(encoding="utf-8"))
+    assert found.pop("inspect_heads") == heads_json  # inspect-heads' document, exactly
+    top = heads_json["top_heads"][0]
+    assert found.pop("opening") == {"layer": top["layer"], "head": top["head"], "view": "effects"}
+    attention = json.loads(run_lm("inspect-attention", page_run, "--text", TEXT, "--format", "json", "--layer", "all",
+                                  "--head", "all").stdout)
+    for entry_found, entry_expected in zip(found["attention"], attention["attention"], strict=True):
+        for row_found, row_expected in zip(entry_found.pop("weights"), entry_expected.pop("weights"), strict=True):
+            assert row_found == pytest.approx(row_expected, abs=0.5 / WEIGHT_STEPS + 1e-6)
+    assert found == attention  # and inspect-attention's, as its own page carries it
+    # Every head's most-helped tokens: those of the top heads, and a rise in loss each.
+    helped = heads_json["ablation_helped"]
+    assert [len(row) for row in helped] == [4, 4]
+    assert helped[top["layer"]][top["head"]] == top["helped"]
+    assert all(e["increase_nats"] > 0 and heads_json["tokens"][e["position"]] == e["token"]
+               for row in helped for head in row for e in head)
+
+
+def test_heads_save_wants_an_html_file(page_run: Path, tmp_path: Path) -> None:
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(run_lm("inspect-heads", page_run, "--text", TEXT, "--save", tmp_path / "heads.svg"),
+                          "must end in .html")
+    assert not (tmp_path / "heads.svg").exists()
+
+
+def test_heads_page_with_compare_shows_both_texts(browser: Browser, page_run: Path, tmp_path: Path) -> None:
+    """With --compare (activation patching), the page holds the corrupt text's attention too, and the
+    patching tables in the inspect-heads document."""
+    clean = "But soft, what light through yonder window breaks? It is the east, and it is the"
+    corrupt = clean.replace("and it is", "and he is")
+    path = tmp_path / "heads.html"
+    shown = run_lm("inspect-heads", page_run, "--text", clean, "--compare", corrupt, "--target", "the", "--versus", "a",
+                   "--save", path)
+    assert shown.returncode == 0, shown.stderr
+    found = page_document(path.read_text(encoding="utf-8"))
+    assert found["compare"]["text"] == corrupt and len(found["compare"]["tokens"]) == len(found["tokens"])
+    patching = found["inspect_heads"]["patching"]
+    assert patching["compare"] == corrupt and len(patching["heads"]) == 2
+    browser.open(path)
+    assert browser.evaluate("document.querySelectorAll('#texts .strip').length") == 2
+    browser.click("#head-detail button.open-head")
+    assert browser.evaluate("document.querySelectorAll('canvas.lines').length") == 2
+    assert browser.errors() == []
+
+
+HEADS = [(layer, head) for layer in range(2) for head in range(4)]  # page_run's model
+
+
+def test_the_heads_page_in_a_browser(browser: Browser, heads_page: Path, heads_json: dict, page: Path) -> None:
+    browser.open(heads_page)
+    assert browser.errors() == []
+    assert browser.evaluate("[document.body.dataset.view, document.title]") == ["effects", "lm inspect-heads"]
+    # The heat map: one cell per head, each the head's loss change (in millinats when all are below 0.1 nat).
+    ablation = heads_json["ablation"]
+    factor = 1000 if max(abs(v) for row in ablation for v in row) < 0.1 else 1
+    cells = browser.evaluate("[...document.querySelectorAll('button.effect')].map(c => "
+                             "[Number(c.dataset.layer), Number(c.dataset.head), c.textContent, c.style.background])")
+    assert sorted((layer, head) for layer, head, _, _ in cells) == HEADS
+    for layer, head, text, _ in cells:
+        assert float(text) == pytest.approx(ablation[layer][head] * factor, abs=0.005 + 1e-9)
+    assert len({background for *_, background in cells}) > 1  # coloured by the change
+    # It opened on the head that matters most; clicking another shows that one's tokens.
+    top = heads_json["top_heads"][0]
+    assert browser.evaluate("[lmPage.state.layer, lmPage.state.head]") == [top["layer"], top["head"]]
+    helped = heads_json["ablation_helped"]
+    others = [pair for pair in HEADS if pair != (top["layer"], top["head"])]
+    layer, head = max(others, key=lambda pair: len(helped[pair[0]][pair[1]]))
+    assert helped[layer][head], "the test wants a second head that helps some token"
+    browser.click(f"button.effect[data-layer='{layer}'][data-head='{head}']")
+    detail = browser.evaluate("(() => { const d = document.getElementById('head-detail'); return {"
+                              "layer: Number(d.dataset.layer), head: Number(d.dataset.head), "
+                              "listed: [...d.querySelectorAll('ol.helped li')].map(li => [Number(li.dataset.pos), "
+                              "li.querySelector('.tok').textContent, li.querySelector('b').textContent]), "
+                              "highlighted: [...d.querySelectorAll('.helped-text .tok.helped')].map(t => "
+                              "Number(t.dataset.pos)), "
+                              "detectors: Object.fromEntries([...d.querySelectorAll('.detector')].map(s => "
+                              "[s.dataset.detector, s.textContent.split(' ').pop()])), "
+                              "direct: d.querySelector('.direct b').textContent}; })()")
+    assert (detail["layer"], detail["head"]) == (layer, head)
+    expected = helped[layer][head]
+    assert [(pos, token) for pos, token, _ in detail["listed"]] == [(e["position"], e["token"]) for e in expected]
+    for (_, _, rise), e in zip(detail["listed"], expected, strict=True):
+        assert float(rise) == pytest.approx(e["increase_nats"], abs=5e-5)
+    assert sorted(detail["highlighted"]) == sorted(e["position"] for e in expected)
+    detectors = heads_json["detectors"]
+    assert {name: float(score) for name, score in detail["detectors"].items()} == {
+        name: pytest.approx(detectors[name][layer][head], abs=0.005 + 1e-9)
+        for name in ("previous_token", "duplicate_token", "induction")}
+    parts = {part["name"]: part["contribution"] for part in heads_json["attribution"]["parts"]}
+    assert float(detail["direct"]) == pytest.approx(parts[f"L{layer}.H{head}"], abs=5e-5)
+    # The head choice follows, so the head view opens on it.
+    assert browser.evaluate("[lmPage.state.layer, lmPage.state.head, document.getElementById('head').value]") == \
+        [layer, head, str(head)]
+    # The attribution bars: one per part, each its contribution; the sum of the parts is the logit.
+    browser.evaluate("(() => { const s = document.getElementById('bar-order'); s.value = 'model'; "
+                     "s.dispatchEvent(new Event('change')); })()")
+    bars = browser.evaluate("[...document.querySelectorAll('.bar-row')].map(r => [r.dataset.part, "
+                            "r.querySelector('.value').textContent, r.querySelector('.bar').classList.contains('up')])")
+    attribution = heads_json["attribution"]
+    assert [name for name, _, _ in bars] == [part["name"] for part in attribution["parts"]]
+    for name, value, up in bars:
+        assert float(value) == pytest.approx(parts[name], abs=5e-5) and up == (parts[name] >= 0)
+    logit, total = browser.evaluate("['dla-logit', 'dla-sum'].map(id => document.getElementById(id).textContent)")
+    assert float(logit) == pytest.approx(attribution["logit"], abs=5e-5)
+    assert float(total) == pytest.approx(sum(parts.values()), abs=5e-5)
+    assert float(total) == pytest.approx(float(logit), abs=2e-4)
+    # A head's bar chooses that head.
+    browser.click(".bar-row[data-part='L0.H1'] .name")
+    chosen = browser.evaluate("[lmPage.state.layer, lmPage.state.head, "
+                              "document.getElementById('head-detail').dataset.head]")
+    assert chosen == [0, 1, "1"]
+    browser.click("#head-detail button.open-head")
+    assert browser.evaluate("[document.body.dataset.view, lmPage.state.layer, lmPage.state.head]") == ["head", 0, 1]
+    # The model view labels each head with a detector's score, or its loss change, on request.
+    browser.click("nav button[data-view='model']")
+    for label, table, scale, digits in (("previous_token", detectors["previous_token"], 1, 0.005),
+                                        ("induction", detectors["induction"], 1, 0.005),
+                                        ("ablation", ablation, factor, 0.005)):
+        browser.evaluate(f"(() => {{ const s = document.getElementById('cell-label'); s.value = '{label}'; "
+                         "s.dispatchEvent(new Event('change')); })()")
+        shown = browser.evaluate("[...document.querySelectorAll('.cell')].map(c => [Number(c.dataset.layer), "
+                                 "Number(c.dataset.head), c.querySelector('.role').dataset.label, "
+                                 "c.querySelector('.role').textContent])")
+        assert len(shown) == 8
+        for layer, head, shown_label, text in shown:
+            assert shown_label == label and float(text) == pytest.approx(table[layer][head] * scale, abs=digits + 1e-9)
+    assert browser.errors() == []
+    # The attention page alone has no head-effects view and no score labels.
+    browser.open(page)
+    assert browser.evaluate("document.querySelector(\"nav button[data-view='effects']\").hidden") is True
+    browser.click("nav button[data-view='model']")
+    assert browser.evaluate("document.getElementById('cell-label')") is None
+    assert browser.errors() == []
+
+
+def test_heads_screenshots(browser: Browser, heads_page: Path, tmp_path: Path) -> None:
+    """Pictures of the head-effects view and the model view's detector labels (see the module docstring)."""
+    folder = Path(os.environ.get("LM_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("LM_SCREENSHOT_RUN"):
+        heads_page = tmp_path / "heads.html"
+        shown = run_lm("inspect-heads", os.environ["LM_SCREENSHOT_RUN"], "--text", TEXT, "--save", heads_page)
+        assert shown.returncode == 0, shown.stderr
+    browser.open(heads_page)
+    browser.move_away()
+    browser.screenshot(folder / "effects-view.png", selector="body")
+    browser.click("nav button[data-view='model']")
+    browser.evaluate("(() => { const s = document.getElementById('cell-label'); s.value = 'previous_token'; "
+                     "s.dispatchEvent(new Event('change')); })()")
+    browser.move_away()
+    browser.evaluate("window.scrollTo(0, 0)")
+    browser.screenshot(folder / "model-view-detectors.png", selector="body")
+    for name in ("effects-view.png", "model-view-detectors.png"):
+        data = (folder / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     assert browser.errors() == []

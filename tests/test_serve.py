@@ -361,7 +361,7 @@ class Server:
 
 @contextlib.contextmanager
 def serving(runs: Runs, *, max_batch: int = 8, max_queue: int = 16, api_key: str | None = KEY) -> Iterator[Server]:
-    served = load_runs([runs.chat, runs.base], torch.device("cpu"), "float32", max_batch, max_queue)
+    served = load_runs([runs.chat, runs.base], torch.device("cpu"), "float32", "none", max_batch, max_queue)
     server = uvicorn.Server(uvicorn.Config(create_app(served, api_key), log_level="warning", access_log=False))
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))  # a free port, held from here on: no other test can take it

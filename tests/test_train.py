@@ -19,8 +19,10 @@ from lm.train import Trainer, TrainingDiverged, TrainingSetup
 METRIC_KEYS = {"step", "loss", "lr", "tokens_per_s", "time_s"}
 
 
-def make_setup(run_dir: Path, tokenizer, resume: bool = False, text: Path = SAMPLE, **train_changes) -> TrainingSetup:
-    model = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, n_layer=2, n_head=2, d_model=32)
+def make_setup(run_dir: Path, tokenizer, resume: bool = False, text: Path = SAMPLE, model_changes: dict | None = None,
+               **train_changes) -> TrainingSetup:
+    model = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, n_layer=2, n_head=2, d_model=32,
+                        **(model_changes or {}))
     train = TrainConfig(**{"max_steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "eval_every": 10,
                            "eval_batches": 2, "log_every": 1, "sample_tokens": 8, "val_fraction": 0.1,
                            "device": "cpu", **train_changes})
@@ -64,23 +66,42 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(55, config) == pytest.approx(0.55)  # half way down the cosine
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_is_exact_to_the_bit(sample_tokenizer, tmp_path: Path, optimizer: str) -> None:
+# The speedrun's techniques (issue 27) all at once: the model's, Muon's cautious decay, an lr per group, the
+# 1-sqrt warmdown and the weights' average, whose checkpoints hold the average and the trained weights both.
+SPEEDRUN = {"model_changes": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+                              "qk_norm": True, "tie_embeddings": False, "residual_scalars": True, "logit_softcap": 15.0,
+                              "value_embeddings": True, "smear": True, "bigram_buckets": 64, "qk_gain": 1.2,
+                              "head_init_std": 0.001, "zero_init_projections": True},
+            "optimizer": "muon", "muon_cautious_wd": True, "warmdown": 0.5, "warmdown_shape": "1-sqrt",
+            "adam_eps": 1e-10, "embed_lr_scale": 5.0, "head_lr_scale": 0.5, "scalar_lr_scale": 2.0, "ema_decay": 0.9}
+
+
+@pytest.mark.parametrize("recipe", [{"optimizer": "adamw"}, {"optimizer": "muon"}, SPEEDRUN],
+                         ids=["adamw", "muon", "speedrun"])
+def test_resume_is_exact_to_the_bit(sample_tokenizer, tmp_path: Path, recipe: dict) -> None:
     straight = tmp_path / "straight"
-    Trainer(make_setup(straight, sample_tokenizer, max_steps=20, optimizer=optimizer)).run()
+    Trainer(make_setup(straight, sample_tokenizer, max_steps=20, **recipe)).run()
 
     halves = tmp_path / "halves"
-    first = Trainer(make_setup(halves, sample_tokenizer, max_steps=20, optimizer=optimizer))
+    first = Trainer(make_setup(halves, sample_tokenizer, max_steps=20, **recipe))
     stopped = first.run(should_stop=lambda: first.step == 10)
     assert (stopped.status, stopped.step) == ("interrupted", 10)
     assert rundir.latest_checkpoint(halves).name == "step-000010"
-    resumed = Trainer(make_setup(halves, sample_tokenizer, resume=True, max_steps=20, optimizer=optimizer))
+    resumed = Trainer(make_setup(halves, sample_tokenizer, resume=True, max_steps=20, **recipe))
     assert resumed.step == 10
     assert resumed.run().status == "finished"
     assert losses(halves) == losses(straight)  # float equality: bit for bit, all 20 steps
     a = checkpoint.load_run(straight)[0].state_dict()
     b = checkpoint.load_run(halves)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    state = checkpoint.load_training_state(halves)[1]
+    assert ("trained_weights" in state) == ("ema_decay" in recipe)
+    if "ema_decay" in recipe:  # the saved weights are the average; the trained ones, kept to resume, differ
+        assert all(torch.equal(a[k], resumed.average.average[i]) for i, k in enumerate(resumed.average.names))
+        trained = checkpoint.load_training_state(straight)[1]["trained_weights"]
+        assert all(torch.equal(trained[k], state["trained_weights"][k]) for k in trained)
+        assert not torch.equal(trained["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])
+        assert torch.equal(trained["blocks.0.attn.qkv.weight"], resumed.model.blocks[0].attn.qkv.weight)
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(sample_tokenizer, tmp_path: Path, monkeypatch) -> None:

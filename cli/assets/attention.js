@@ -1,7 +1,10 @@
 /* lm inspect-attention's page. It reads the document in #lm-data (what `--format json` writes, its
    weights packed as cli/page.py describes) and draws three views of it: the head view (lines from each
    token to the tokens it attends to), the model view (every layer x head as a small heat map) and the
-   gravity view (where each layer's attention moves the tokens' vectors). No network, no libraries. */
+   gravity view (where each layer's attention moves the tokens' vectors). Pages written by
+   `lm inspect-heads --save` also carry that command's `--format json` document as `inspect_heads`: a
+   fourth view, head effects (the ablation heat map, the tokens each head helps most, the attribution
+   bars), and the detector scores as labels in the model view. No network, no libraries. */
 "use strict";
 
 const ROW = 18; // pixels per token in the head view
@@ -21,8 +24,25 @@ const ROLES = {
   "mixed": ["mixed", "no single behaviour dominates"],
 };
 const SCORE_OF = {"previous-token": "previous", "induction": "induction", "sink": "first", "self": "itself"};
+// What labels each head in the model view: its role here, or (inspect-heads pages) a score of `inspect_heads`.
+const LABELS = {
+  "role": "its role on this text",
+  "previous_token": "previous-token score",
+  "duplicate_token": "duplicate-token score",
+  "induction": "induction score",
+  "ablation": "loss change when ablated",
+};
+const DETECTOR_MEANINGS = {
+  "previous_token": "the share of its attention on the token just before",
+  "duplicate_token": "the share of its attention on earlier copies of the token itself",
+  "induction": "on random tokens repeated twice, the share of its attention on the token after an earlier copy " +
+    "of the token itself (about 0.5 at most: only the second copy can match)",
+};
+// The diverging scale of loss changes: the loss rises without the head (it helps) .. no change .. it falls.
+const HELPS = [229, 83, 75], NO_CHANGE = [36, 40, 64], HURTS = [66, 146, 230];
+const BARS_SHOWN = 24; // attribution parts drawn unless all are asked for
 
-const state = { view: "head", layer: 0, head: "mean", pinned: null, hover: null };
+const state = { view: "head", layer: 0, head: "mean", pinned: null, hover: null, label: "role", bars: "largest" };
 let data = null; // the document, with each text's weights unpacked
 let texts = []; // data, and data.compare when there is one
 let painters = []; // functions that repaint the current view after a change of focus
@@ -224,6 +244,13 @@ function modelView(main) {
   const text = texts[0];
   const layers = [...new Set(text.attention.map((e) => e.layer))];
   const heads = [...new Set(text.attention.map((e) => e.head))].filter((h) => h !== "mean");
+  const effects = data.inspect_heads;
+  if (effects) {
+    const choice = el("select", { id: "cell-label", onchange: () => { state.label = choice.value; render(); } },
+      ...Object.entries(LABELS).map(([value, text]) => el("option", { value, text })));
+    choice.value = state.label;
+    main.append(el("label", { class: "label-choice" }, "label each head with ", choice));
+  }
   const grid = el("div", { class: "grid", style: `grid-template-columns: auto repeat(${heads.length}, max-content)` },
     el("div", { class: "corner", text: "layer \\ head" }), ...heads.map((h) => el("div", { class: "colhead", text: `head ${h}` })));
   for (const layer of layers) {
@@ -232,19 +259,205 @@ function modelView(main) {
       const s = stats(layer, head);
       const cell = el("div", {
         class: `cell${layer === state.layer && head === state.head ? " current" : ""}`, "data-layer": layer, "data-head": head,
-        title: `layer ${layer}, head ${head}: ${s ? statsText(s) : ""}. Click to open it in the head view.`,
-        onclick: () => { Object.assign(state, { view: "head", layer, head, pinned: null, hover: null }); render(); },
-      }, heatMap(rows(text, layer, head), text.tokens.length), el("div", { class: `role role-${s ? s.label : ""}`, text: s ? roleText(s) : "" }));
+        title: `layer ${layer}, head ${head}: ${s ? statsText(s) : ""}${effects ? `; ${effectsText(layer, head)}` : ""}. ` +
+          "Click to open it in the head view.",
+        onclick: () => openHead(layer, head),
+      }, heatMap(rows(text, layer, head), text.tokens.length), cellLabel(layer, head, s));
       grid.append(cell);
     }
   }
-  const legend = el("div", { class: "legend" }, "Roles on this text: ",
-    ...Object.entries(ROLES).map(([label, [code, meaning]]) => el("span", { class: `role-${label}` }, `${code}: ${meaning}`)));
-  main.append(grid, legend);
+  main.append(grid, modelLegend());
   document.getElementById("help").textContent = "Each square is one head: row = token looking, column = token looked " +
     "at, brighter = more attention. The label is its dominant behaviour and score (for broad and mixed heads, the " +
-    "entropy of its rows in bits). Click a square to open it in the head view." +
-    (texts.length > 1 ? " (Text A.)" : "");
+    "entropy of its rows in bits)" + (effects ? ", or the score chosen above" : "") +
+    ". Click a square to open it in the head view." + (texts.length > 1 ? " (Text A.)" : "");
+}
+
+function openHead(layer, head) {
+  Object.assign(state, { view: "head", layer, head, pinned: null, hover: null });
+  render();
+}
+
+function cellLabel(layer, head, s) {
+  // The role (from the attention statistics), or one of inspect-heads' numbers on a coloured ground.
+  if (state.label === "role" || !data.inspect_heads) {
+    return el("div", { class: `role role-${s ? s.label : ""}`, text: s ? roleText(s) : "" });
+  }
+  const effects = data.inspect_heads;
+  if (state.label === "ablation") {
+    const unit = ablationUnit(effects), nats = effects.ablation[layer][head];
+    return el("div", { class: "role score", "data-label": "ablation", text: signed(nats * unit.factor),
+      style: `background:${diverging(nats, unit.largest)}` });
+  }
+  const score = effects.detectors[state.label][layer][head];
+  return el("div", { class: "role score", "data-label": state.label, text: score.toFixed(2),
+    style: `background:${heat(score)};color:${score > 0.45 ? "#000" : ""}` });
+}
+
+function modelLegend() {
+  if (state.label === "role" || !data.inspect_heads) {
+    return el("div", { class: "legend" }, "Roles on this text: ",
+      ...Object.entries(ROLES).map(([label, [code, meaning]]) => el("span", { class: `role-${label}` }, `${code}: ${meaning}`)));
+  }
+  const effects = data.inspect_heads;
+  if (state.label === "ablation") {
+    return el("div", { class: "legend" }, `Under each head: the change in the mean loss per predicted token when it is ` +
+      `${effects.ablation_mode}-ablated, in ${ablationUnit(effects).name}. ${ABLATION_MEANING}`);
+  }
+  const d = effects.detectors;
+  return el("div", { class: "legend" }, `Under each head: its ${LABELS[state.label]} (TransformerLens's head detector, ` +
+    `0 to 1): ${DETECTOR_MEANINGS[state.label]}` +
+    (state.label === "induction" ? ` (${d.induction_length} random tokens, seed ${d.induction_seed}).` : " on this text."));
+}
+
+// The head-effects view (pages of `lm inspect-heads --save`): a layer x head heat map of the loss change
+// when each head is ablated; the chosen head's numbers and the tokens it helps most; the attribution bars.
+
+const ABLATION_MEANING = "Positive (red): the model predicts the text worse without the head, which helps. " +
+  "Negative (blue): it predicts the text better without it: on this text the head hurts.";
+
+function signed(value, digits = 2) { return `${value >= 0 ? "+" : ""}${value.toFixed(digits)}`; }
+
+function visible(text) { return text.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "→"); }
+
+function diverging(value, largest) {
+  const share = largest > 0 ? Math.min(1, Math.abs(value) / largest) : 0;
+  const end = value > 0 ? HELPS : HURTS;
+  return `rgb(${NO_CHANGE.map((zero, i) => Math.round(zero + (end[i] - zero) * share)).join(",")})`;
+}
+
+function ablationUnit(effects) {
+  // An untrained or redundant model's changes are small: in thousandths of a nat then, as in the terminal.
+  const largest = Math.max(...effects.ablation.flat().map(Math.abs));
+  return largest < 0.1 ? { name: "millinats", factor: 1000, largest } : { name: "nats", factor: 1, largest };
+}
+
+function effectsText(layer, head) {
+  const effects = data.inspect_heads, d = effects.detectors;
+  return `loss ${signed(effects.ablation[layer][head], 4)} nats when ablated, previous-token ` +
+    `${d.previous_token[layer][head].toFixed(2)}, duplicate-token ${d.duplicate_token[layer][head].toFixed(2)}, ` +
+    `induction ${d.induction[layer][head].toFixed(2)}`;
+}
+
+function logitName(a) {
+  return `“${visible(a.target_token)}”` + (a.versus === null ? "" : ` minus that of “${visible(a.versus_token)}”`);
+}
+
+function chooseHead(layer, head) {
+  Object.assign(state, { layer, head });
+  render();
+}
+
+function effectsView(main) {
+  const effects = data.inspect_heads, unit = ablationUnit(effects);
+  const chosen = state.head !== "mean";
+  const heads = effects.ablation[0].length;
+  const grid = el("div", { class: "grid effects", style: `grid-template-columns: auto repeat(${heads}, max-content)` },
+    el("div", { class: "corner", text: "layer \\ head" }),
+    ...effects.ablation[0].map((_, head) => el("div", { class: "colhead", text: `head ${head}` })));
+  effects.ablation.forEach((row, layer) => {
+    grid.append(el("div", { class: "rowhead", text: `layer ${layer}` }));
+    row.forEach((nats, head) => grid.append(el("button", {
+      type: "button", class: `effect${chosen && layer === state.layer && head === state.head ? " current" : ""}`,
+      "data-layer": layer, "data-head": head, text: signed(nats * unit.factor),
+      style: `background:${diverging(nats, unit.largest)}`,
+      title: `layer ${layer}, head ${head}: ${effectsText(layer, head)}. Click for the tokens it helps most.`,
+      onclick: () => chooseHead(layer, head),
+    })));
+  });
+  const scale = el("div", { class: "scale" }, `${signed(-unit.largest * unit.factor)} hurts`,
+    el("span", { class: "ramp", style: `background:linear-gradient(to right, ${diverging(-1, 1)}, ${diverging(0, 1)}, ` +
+      `${diverging(1, 1)})` }), `helps ${signed(unit.largest * unit.factor)} ${unit.name}`);
+  const map = el("div", { class: "panel" },
+    el("h2", { text: `Loss change per predicted token when each head is ${effects.ablation_mode}-ablated (${unit.name})` }),
+    el("p", { class: "note", text: `${effects.tokens.length} tokens; the model's mean loss is ${effects.loss.nats.toFixed(4)} nats per ` +
+      `predicted token (${effects.loss.bits_per_byte.toFixed(4)} bits per byte). ${ABLATION_MEANING}` }),
+    grid, scale);
+  if (effects.joint) {
+    const joint = effects.joint;
+    const alone = [...new Set(joint.heads.map(([l, h]) => `${l}/${h}`))].map((key) => key.split("/").map(Number))
+      .reduce((sum, [l, h]) => sum + effects.ablation[l][h], 0);
+    map.append(el("p", { class: "joint", text: `${joint.heads.map(([l, h]) => `L${l}.H${h}`).join(" + ")} ablated together: ` +
+      `${signed(joint.nats, 4)} nats (${signed(joint.bits_per_byte, 4)} bits per byte); one at a time they sum to ${signed(alone, 4)}` }));
+  }
+  const detail = chosen ? headDetail(effects, state.layer, state.head)
+    : el("div", { class: "panel detail", id: "head-detail" }, el("p", { class: "note", text: "Click a head in the map to see the tokens it helps predict most." }));
+  main.append(el("div", { class: "panels" }, map, detail), attributionBars(effects));
+  document.getElementById("help").textContent = "Each square of the map is one head, coloured by how much the model's " +
+    "loss on this text changes when that head's output is replaced (by its mean over the text, or zeros): the causal " +
+    "test of whether it matters. Click one for its detector scores, its direct effect on the attributed logit and the " +
+    "tokens whose prediction it helps most; the head choice above follows, so the head view opens on it. The bars " +
+    "split one logit into the direct contribution of each part of the model; click a head's bar to choose it.";
+}
+
+function headDetail(effects, layer, head) {
+  const nats = effects.ablation[layer][head], bpb = effects.ablation_bits_per_byte[layer][head];
+  const helped = effects.ablation_helped[layer][head];
+  const part = effects.attribution.parts.find((p) => p.name === `L${layer}.H${head}`);
+  const verdict = nats > 0 ? "the model predicts the text worse without it" : nats < 0 ? "the model predicts the text better without it" : "no change";
+  const box = el("div", { class: "panel detail", id: "head-detail", "data-layer": layer, "data-head": head },
+    el("h2", { text: `layer ${layer}, head ${head}` }),
+    el("p", { class: "ablated" }, `${effects.ablation_mode}-ablated: `, el("b", { text: `${signed(nats, 4)} nats` }),
+      ` per predicted token (${signed(bpb, 4)} bits per byte): ${verdict}.`),
+    el("p", { class: "detectors" }, "detector scores: ", ...Object.keys(DETECTOR_MEANINGS).map((key) => el("span", {
+      class: "detector", "data-detector": key, title: DETECTOR_MEANINGS[key],
+      text: `${LABELS[key].replace(" score", "")} ${effects.detectors[key][layer][head].toFixed(2)}`,
+    }))),
+    el("p", { class: "direct" }, `direct contribution to the logit of ${logitName(effects.attribution)}: `,
+      el("b", { text: signed(part.contribution, 4) })));
+  if (!helped.length) {
+    box.append(el("p", { class: "note", text: "Ablating it raises no token's loss on this text." }));
+  } else {
+    box.append(el("p", { text: "The tokens it helps predict most (the rise in each one's loss, in nats, when it is ablated):" }),
+      el("ol", { class: "helped" }, ...helped.map((e) => el("li", { "data-pos": e.position },
+        el("span", { class: "tok", text: e.token }), ` at position ${e.position}: `, el("b", { text: signed(e.increase_nats, 4) })))));
+  }
+  // The text, those tokens on the scale of the map's red (the most helped one the strongest).
+  const rise = new Map(helped.map((e) => [e.position, e.increase_nats]));
+  const most = helped.length ? helped[0].increase_nats : 1;
+  box.append(el("div", { class: "strip helped-text" }, ...texts[0].tokens.map((token) => {
+    const up = rise.get(token.position);
+    return el("span", {
+      class: `tok${isSpecial(token) ? " special" : ""}${up === undefined ? "" : " helped"}`, "data-pos": token.position,
+      text: token.text, style: up === undefined ? "" : `background:${diverging(up, most)}`,
+      title: up === undefined ? `position ${token.position}` : `position ${token.position}: its loss rises ${up.toFixed(4)} nats without this head`,
+    });
+  })), el("button", { type: "button", class: "open-head", text: "Open in the head view", onclick: () => openHead(layer, head) }));
+  return box;
+}
+
+function attributionBars(effects) {
+  const a = effects.attribution;
+  const total = a.parts.reduce((sum, p) => sum + p.contribution, 0);
+  const ordered = state.bars === "model" ? a.parts : [...a.parts].sort((x, y) => Math.abs(y.contribution) - Math.abs(x.contribution));
+  const shown = state.bars === "largest" ? ordered.slice(0, BARS_SHOWN) : ordered;
+  const largest = Math.max(...shown.map((p) => Math.abs(p.contribution))) || 1;
+  const context = effects.tokens.slice(Math.max(0, a.position - 5), a.position + 1).join("");
+  const order = el("select", { id: "bar-order", onchange: () => { state.bars = order.value; render(); } },
+    el("option", { value: "largest", text: `the ${Math.min(BARS_SHOWN, a.parts.length)} largest` }),
+    el("option", { value: "all", text: "all, largest first" }), el("option", { value: "model", text: "all, in model order" }));
+  order.value = state.bars;
+  const bars = el("div", { class: "bars" });
+  for (const part of shown) {
+    const head = /^L(\d+)\.H(\d+)$/.exec(part.name);
+    const current = head && Number(head[1]) === state.layer && Number(head[2]) === state.head;
+    bars.append(el("div", {
+      class: `bar-row${head ? " head" : ""}${current ? " current" : ""}`, "data-part": part.name,
+      ...(head ? { onclick: () => chooseHead(Number(head[1]), Number(head[2])), title: "Click to choose this head" } : {}),
+    }, el("span", { class: "name", text: part.name }), el("span", { class: "value", text: signed(part.contribution, 4) }),
+    el("span", { class: "track" }, el("span", {
+      class: `bar ${part.contribution >= 0 ? "up" : "down"}`, style: `width:${(50 * Math.abs(part.contribution) / largest).toFixed(2)}%`,
+    }))));
+  }
+  const rest = ordered.slice(shown.length);
+  return el("section", { class: "attribution" },
+    el("h2", { text: "Direct logit attribution" }),
+    el("p", {}, `The logit of ${logitName(a)} after position ${a.position} (…${context}) is `,
+      el("b", { id: "dla-logit", text: a.logit.toFixed(4) }), `; its ${a.parts.length} parts sum to `,
+      el("b", { id: "dla-sum", text: total.toFixed(4) }), ". Each part passes through the final norm with its scale " +
+      "frozen at the whole stream's (green: raises the logit, red: lowers it). Show ", order, "."),
+    bars, rest.length ? el("p", { class: "note", text: `${rest.length} smaller parts: ` +
+      `${signed(rest.reduce((sum, p) => sum + p.contribution, 0), 4)} together` }) : "");
 }
 
 function heatMap(weights, n) {
@@ -346,13 +559,14 @@ function render() {
   document.querySelectorAll("#views button").forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.view === state.view)));
   document.getElementById("layer").value = String(state.layer);
   document.getElementById("head").value = String(state.head);
-  document.getElementById("head-choice").classList.toggle("disabled", state.view !== "head");
-  document.getElementById("head").disabled = state.view !== "head";
+  const choosesHead = state.view === "head" || state.view === "effects";
+  document.getElementById("head-choice").classList.toggle("disabled", !choosesHead);
+  document.getElementById("head").disabled = !choosesHead;
   const s = state.head === "mean" ? null : stats(state.layer, state.head);
   document.getElementById("about").textContent = state.view === "head" && s ? `layer ${state.layer}, head ${state.head}: ${roleText(s)}` : "";
   const main = document.getElementById("view");
   main.replaceChildren();
-  ({ head: headView, model: modelView, gravity: gravityView })[state.view](main);
+  ({ head: headView, model: modelView, gravity: gravityView, effects: effectsView })[state.view](main);
   paint();
   document.body.dataset.view = state.view;
 }
@@ -367,8 +581,14 @@ function setUp() {
   headSelect.addEventListener("change", () => { state.head = headSelect.value === "mean" ? "mean" : Number(headSelect.value); render(); });
   document.querySelectorAll("#views button").forEach((b) => b.addEventListener("click", () => { state.view = b.dataset.view; render(); }));
   document.addEventListener("keydown", (event) => { if (event.key === "Escape") { state.pinned = null; paint(); } });
+  const views = ["head", "model", "gravity"];
+  if (data.inspect_heads) {
+    views.push("effects");
+    document.querySelector("#views button[data-view='effects']").hidden = false;
+    document.title = document.querySelector("h1").textContent = "lm inspect-heads";
+  }
   const opening = data.opening || {};
-  state.view = ["head", "model", "gravity"].includes(opening.view) ? opening.view : "head";
+  state.view = views.includes(opening.view) ? opening.view : "head";
   state.layer = layers.includes(opening.layer) ? opening.layer : layers[layers.length - 1];
   state.head = opening.head === "mean" || heads.includes(opening.head) ? opening.head : "mean";
 }
