@@ -106,8 +106,14 @@ class CpuDecoder:
             return {"positions": model.pos_table.contiguous()}
         return {"cos": model.rope_cos.contiguous(), "sin": model.rope_sin.contiguous()}
 
+    def kernels(self, batch: int) -> str:
+        """What decodes `batch` samples, for stats and start-up lines: lm's C kernels and their build."""
+        return f"lm's C kernels ({cpu_kernels.kernel_name(self.library(batch))})"
+
     @staticmethod
     def supports(model: GPT) -> bool:
+        if type(model) is not GPT:  # a wrapped model (FSDP, compiled) does work in its own forward
+            return False
         param = next(model.parameters())
         linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
         float32 = all(isinstance(m, Int8Linear) or (m.weight.dtype == torch.float32 and m.weight.is_contiguous())

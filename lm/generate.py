@@ -126,11 +126,10 @@ def token_step(model: GPT, batch: int = 1) -> TokenStep:
     decode_step skips the model's own __call__: only for a plain GPT, not one whose forward hooks do
     work (FSDP2 gathers its sharded parameters there) or a compiled wrapper.
     """
-    lean = type(model) is GPT
-    cpu_decoder = cpu_decoder_for(model) if lean else None
+    cpu_decoder = cpu_decoder_for(model)
     if cpu_decoder is not None:
-        return TokenStep(cpu_decoder.step, f"lm's C kernels ({cpu_kernels.kernel_name(cpu_decoder.library(batch))})")
-    if lean:
+        return TokenStep(cpu_decoder.step, cpu_decoder.kernels(batch))
+    if type(model) is GPT:
         return TokenStep(model.decode_step, "PyTorch")
     return TokenStep(lambda ids, cache: model(ids, cache=cache)[0][:, -1], "PyTorch")
 

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lm import cpu_kernels
 from lm.cpu_decode import CpuDecoder, cpu_decoder_for
 from lm.errors import InputError, LmError, UsageError
 from lm.generate import StopScanner, random_seed
@@ -150,8 +149,7 @@ class Scheduler:
         self.context_length = model.config.context_length
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = KVCache(model.config, max_batch, param.device, param.dtype, static=True)
-        # A plain GPT only: a wrapped one (compiled, sharded) does work in its own forward.
-        self._cpu_decoder: CpuDecoder | None = cpu_decoder_for(model) if type(model) is GPT else None
+        self._cpu_decoder: CpuDecoder | None = cpu_decoder_for(model)
         if self._cpu_decoder is not None:
             self._cpu_decoder.prepare(max_batch)
         self._lock = threading.Lock()
@@ -167,7 +165,7 @@ class Scheduler:
         """What runs the decode step, for start-up lines: lm's C kernels (and their build) or PyTorch."""
         if self._cpu_decoder is None:
             return "PyTorch"
-        return f"lm's C kernels ({cpu_kernels.kernel_name(self._cpu_decoder.library(1))})"
+        return self._cpu_decoder.kernels(1)
 
     # Any thread --------------------------------------------------------------------------------------
 

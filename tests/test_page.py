@@ -195,15 +195,26 @@ def test_the_page_in_a_browser(browser: Browser, page: Path) -> None:
     assert browser.errors() == []
 
 
-def test_screenshots(browser: Browser, page: Path, tmp_path: Path) -> None:
-    """A picture of each view, for the README (see the module docstring)."""
+def _screenshot_folder(tmp_path: Path) -> Path:
+    """$LM_SCREENSHOT_DIR (made if missing), else the test's own folder."""
     folder = Path(os.environ.get("LM_SCREENSHOT_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("LM_SCREENSHOT_RUN"):
-        page = tmp_path / "page.html"
-        shown = run_lm("inspect-attention", os.environ["LM_SCREENSHOT_RUN"], "--text", TEXT, "--compare", OTHER,
-                       "--save", page)
-        assert shown.returncode == 0, shown.stderr
+    return folder
+
+
+def _screenshot_page(page: Path, fresh: Path, command: str, *options: str) -> Path:
+    """`page`, or with $LM_SCREENSHOT_RUN set, `fresh` written by `command` from that run (--text TEXT)."""
+    if not os.environ.get("LM_SCREENSHOT_RUN"):
+        return page
+    shown = run_lm(command, os.environ["LM_SCREENSHOT_RUN"], "--text", TEXT, *options, "--save", fresh)
+    assert shown.returncode == 0, shown.stderr
+    return fresh
+
+
+def test_screenshots(browser: Browser, page: Path, tmp_path: Path) -> None:
+    """A picture of each view, for the README (see the module docstring)."""
+    folder = _screenshot_folder(tmp_path)
+    page = _screenshot_page(page, tmp_path / "page.html", "inspect-attention", "--compare", OTHER)
     browser.open(page)
     position = browser.evaluate("lmPage.data.tokens.findIndex(t => t.text === '·light')")
     browser.click(f".panel.text-a .queries .tok[data-pos='{position}']")
@@ -377,12 +388,8 @@ def test_the_heads_page_in_a_browser(browser: Browser, heads_page: Path, heads_j
 
 def test_heads_screenshots(browser: Browser, heads_page: Path, tmp_path: Path) -> None:
     """Pictures of the head-effects view and the model view's detector labels (see the module docstring)."""
-    folder = Path(os.environ.get("LM_SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("LM_SCREENSHOT_RUN"):
-        heads_page = tmp_path / "heads.html"
-        shown = run_lm("inspect-heads", os.environ["LM_SCREENSHOT_RUN"], "--text", TEXT, "--save", heads_page)
-        assert shown.returncode == 0, shown.stderr
+    folder = _screenshot_folder(tmp_path)
+    heads_page = _screenshot_page(heads_page, tmp_path / "heads.html", "inspect-heads")
     browser.open(heads_page)
     browser.move_away()
     browser.screenshot(folder / "effects-view.png", selector="body")
