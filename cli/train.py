@@ -72,6 +72,11 @@ def command(
         help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
              "set aside before the tokenizer is trained.")
     ] = None,
+    repeat_windows: Annotated[float | None, typer.Option(
+        "--repeat-windows", metavar="SHARE", rich_help_panel=DATA, show_default=False,
+        help="Make this share of the training windows a passage and the same passage again (validation stays "
+             "plain text): copying pays, so induction heads form sooner (`make demo-circuits`) [default: 0].")
+    ] = None,
     text_field: Annotated[str | None, typer.Option(
         "--text-field", metavar="NAME", rich_help_panel=DATA, show_default=False,
         help="JSON Lines and Parquet files: the field (column) that holds each record's text [default: text].")
@@ -247,6 +252,7 @@ def command(
                        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
                        "save_every": save_every, "sample_tokens": sample_tokens, "track_heads": track_heads,
+                       "repeat_windows": repeat_windows,
                        "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
                        "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
                        "adam_eps": adam_eps, "embed_lr_scale": embed_lr_scale, "head_lr_scale": head_lr_scale,
@@ -754,6 +760,8 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
         + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")
         + f" x accum {config.grad_accum} x context {shape.context_length}), {optimizer}, lr {config.lr:g}, on "
         f"{trainer.device.type} in {precision}{compiled}"
+        + (f"; {config.repeat_windows:.0%} of the windows a passage given twice (--repeat-windows)"
+           if config.repeat_windows else "")
         + (f"; resuming at step {trainer.step:,}" if setup.resume else ""))
 
 

@@ -143,6 +143,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save at each evaluation
     sample_tokens: int = 48
     track_heads: bool = False  # record head detectors and the in-context score at each evaluation (lm.heads)
+    repeat_windows: float = 0.0  # this share of training windows has its second half repeat its first (lm.data)
     val_fraction: float = 0.05
     seed: int = 1337
     device: str = "auto"
@@ -167,6 +168,9 @@ class TrainConfig:
             raise UsageError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}; 0.05 is typical")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.repeat_windows <= 1.0:
+            raise UsageError("--repeat-windows must be a share of the windows between 0 and 1, "
+                             f"got {self.repeat_windows:g}")
         if not 0.0 <= self.warmdown <= 1.0:
             raise UsageError(f"--warmdown must be a share of the run between 0 and 1, got {self.warmdown}")
         if self.time_budget < 0 or not math.isfinite(self.time_budget):

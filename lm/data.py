@@ -317,15 +317,26 @@ def check_splits(splits: Splits, context_length: int) -> Splits:
 
 
 class BatchSampler:
-    """Random training windows; `state_dict()` captures where the sequence of batches stands."""
+    """Random training windows; `state_dict()` captures where the sequence of batches stands.
+
+    With `repeat_share` > 0 that share of the windows (drawn at random) is a passage and the same passage
+    again: the second half of the window repeats the first. Natural text seldom repeats within a context,
+    so the one thing induction heads do (find the earlier occurrence of the current token and predict what
+    followed it) pays off on few tokens and forms slowly; repeated passages reward it on half of a window
+    (`lm train --repeat-windows`, docs/inspection.md). Validation windows are never repeated.
+    """
 
     def __init__(self, tokens: torch.Tensor, context_length: int, seed: int,
-                 learned: torch.Tensor | None = None) -> None:
+                 learned: torch.Tensor | None = None, repeat_share: float = 0.0) -> None:
         self.tokens = tokens
         self.learned = learned  # conversations: targets outside it become IGNORE (see lm/loss.py)
         self.context_length = context_length
+        self.repeat_share = repeat_share
         self.generator = torch.Generator().manual_seed(seed)
         self._steps = torch.arange(context_length + 1)
+        half = (context_length + 1) // 2
+        # Window offsets of a repeated passage: the first `half` tokens, then those again (one more to fill).
+        self._repeated_steps = torch.cat([self._steps[:half], self._steps[:context_length + 1 - half]])
 
     def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, (batch_size, context_length) each, as int64.
@@ -335,8 +346,11 @@ class BatchSampler:
         """
         high = len(self.tokens) - self.context_length  # the last start that still has a target
         offsets = torch.randint(0, high, (batch_size * world_size,), generator=self.generator)
-        mine = offsets[rank * batch_size:(rank + 1) * batch_size]
-        positions = mine[:, None] + self._steps
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        positions = offsets[mine, None] + self._steps
+        if self.repeat_share > 0:  # drawn only then: runs without it keep the sequence of batches they had
+            repeated = torch.rand(batch_size * world_size, generator=self.generator)[mine] < self.repeat_share
+            positions = torch.where(repeated[:, None], offsets[mine, None] + self._repeated_steps, positions)
         windows = self.tokens[positions].long()
         targets = windows[:, 1:]
         if self.learned is not None:

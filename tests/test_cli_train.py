@@ -115,13 +115,15 @@ def bad_cases(tmp: Path, run: Path) -> dict[str, tuple[list[str], tuple[str, ...
         "unknown dtype": (["train", str(SAMPLE), "--out", str(fresh), "--dtype", "int8"], ("--dtype 'int8'",)),
         "no newton-schulz steps": (["train", str(SAMPLE), "--out", str(fresh), "--muon-ns-steps", "0"],
                                    ("--muon-ns-steps must be 1 to 20, got 0",)),
+        "repeat share above one": (["train", str(SAMPLE), "--out", str(fresh), "--repeat-windows", "1.5"],
+                                   ("--repeat-windows must be a share of the windows between 0 and 1, got 1.5",)),
     }
 
 
 CASES = ["unknown preset", "impossible config", "corpus too short", "missing validation text",
          "validation is all the text", "not a tokenizer", "resume without checkpoint",
          "existing run", "resume changing the model", "no text", "bad learning rate", "unknown dtype",
-         "no newton-schulz steps"]
+         "no newton-schulz steps", "repeat share above one"]
 
 
 @pytest.mark.parametrize("case", CASES)

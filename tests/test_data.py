@@ -95,6 +95,22 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch() -> None:
     assert torch.equal(torch.cat(halves), whole)
 
 
+def test_repeated_windows_are_a_passage_twice_and_plain_ones_unchanged() -> None:
+    tokens = torch.arange(10_000, dtype=torch.int32)
+    plain = BatchSampler(tokens, context_length=16, seed=4).next_batch(64)
+    inputs, targets = BatchSampler(tokens, context_length=16, seed=4, repeat_share=0.5).next_batch(64)
+    window = torch.cat([inputs, targets[:, -1:]], dim=1)  # the 17 tokens each row was cut from
+    repeated = (window[:, 8:16] == window[:, :8]).all(dim=1)  # 8 tokens, then those again (and the next)
+    assert 16 <= repeated.sum() <= 48  # about half, by chance
+    assert torch.equal(targets[:, :-1], inputs[:, 1:])  # still next-token pairs
+    assert torch.equal(window[repeated, 16], window[repeated, 7] + 1)  # the copy runs one token further
+    plain_rows = ~repeated
+    assert torch.equal(targets[plain_rows], inputs[plain_rows] + 1)  # the others are plain text...
+    assert torch.equal(inputs[:, :8], plain[0][:, :8])  # ...and every window starts where it would without repeats
+    always = BatchSampler(tokens, context_length=16, seed=4, repeat_share=1.0).next_batch(8)[0]
+    assert torch.equal(always[:, 8:], always[:, :8])
+
+
 def test_windows_reach_the_last_token() -> None:
     tokens = torch.arange(20, dtype=torch.int32)
     sampler = BatchSampler(tokens, context_length=18, seed=0)
