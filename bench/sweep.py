@@ -3,6 +3,7 @@
     python bench/sweep.py --tinyshakespeare PATH/input.txt --nanogpt NANOGPT_CHECKOUT [--only NAME ...]
     python bench/sweep.py --tinyshakespeare PATH/input.txt --time-budget 61 [--only NAME ...]
     python bench/sweep.py --tinyshakespeare PATH/input.txt --max-steps 400      (quality per step)
+    python bench/sweep.py ... --seeds 1 2 3      (each recipe once per seed; the table gives the median)
 
 nanoGPT's protocol: the first 90% of the characters to train on (the tokenizer included), the last
 10% scored by `lm eval` (sliding windows, every byte once). With --time-budget each recipe trains for
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from nanogpt import run_nanogpt
 from quality import LM, NANOGPT, design_flags, split_like_nanogpt
@@ -81,7 +83,7 @@ RECIPES: dict[str, list[str]] = {
     "defaults, warmdown 0.7": ["--warmdown", "0.7"],
     "defaults, muon 4 newton-schulz steps": ["--muon-ns-steps", "4"],
     "defaults, muon 3 newton-schulz steps": ["--muon-ns-steps", "3"],
-    # Sweep 11 (issue 27): the speedrun's techniques (modded-nanogpt, nanochat), each alone on the tiny preset,
+    # Sweep 15 (issue 27): the speedrun's techniques (modded-nanogpt, nanochat), each alone on the tiny preset,
     # then the winners together. Those marked "not exportable" would go into a preset of their own.
     "defaults, residual scalars": ["--residual-scalars"],  # not exportable
     "defaults, residual scalars, scalar lr x10": ["--residual-scalars", "--scalar-lr-scale", "10"],  # not exportable
@@ -96,12 +98,42 @@ RECIPES: dict[str, list[str]] = {
     "defaults, adam eps 1e-10": ["--adam-eps", "1e-10"],
     "defaults, muon cautious weight decay": ["--muon-cautious-wd"],
     "defaults, 1-sqrt warmdown": ["--warmdown-shape", "1-sqrt"],
-    "defaults, weight average 0.99": ["--ema-decay", "0.99"],
+    "defaults, weight average 0.99": ["--ema-decay", "0.99"],  # the preset's since sweep 18
+    "defaults, no weight average": ["--ema-decay", "0"],  # the preset before sweep 18
     "defaults, qk gain 1.2": ["--qk-gain", "1.2"],
 }
-# The recipes of sweep 11 that beat the preset, together: filled in after measuring (an empty list runs nothing).
-WINNERS: list[str] = []
-RECIPES["defaults, all winners of sweep 11"] = WINNERS
+# The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
+# Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).
+WINNERS: list[str] = ["--ema-decay", "0.99", "--muon-cautious-wd"]
+RECIPES["defaults, the winners of sweep 15 together"] = WINNERS
+
+
+def seed_flags(seed: int | None) -> list[str]:
+    return [] if seed is None else ["--seed", str(seed)]
+
+
+def train_and_score(name: str, flags: list[str], seed: int | None, preset: str, train: Path, val: Path, tmp: Path,
+                    console: Console) -> dict | None:
+    """Train one recipe (a fresh process) and score it on `val` with `lm eval`; None when training failed."""
+    run = tmp / "run"
+    started = time.perf_counter()
+    trained = subprocess.run([LM, "train", str(train), "--val", str(val), "--out", str(run), "--force",
+                              "--preset", preset, "--sample-tokens", "0", *flags, *seed_flags(seed)],
+                             capture_output=True, text=True)
+    if trained.returncode != 0:
+        console.print(f"[red]{name}: {trained.stderr.strip().splitlines()[-1]}[/]")
+        return None
+    wall = time.perf_counter() - started
+    scored = subprocess.run([LM, "eval", str(run), "--text", str(val), "--format", "json"], check=True,
+                            capture_output=True, text=True)
+    total = json.loads(scored.stdout)["runs"][0]["total"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = metrics[-1]
+    speed = sorted(m["tokens_per_s"] for m in metrics)[len(metrics) // 2]
+    label = name if seed is None else f"{name} (seed {seed})"
+    print(f"{label}: {total['bits_per_byte']:.4f} bits/byte, {last['step']} steps, {last['time_s']:.0f} s", flush=True)
+    return {"steps": last["step"], "seconds": last["time_s"], "wall_s": wall, "tokens_per_s": speed,
+            "bits_per_byte": total["bits_per_byte"]}
 
 
 def main() -> None:
@@ -114,9 +146,13 @@ def main() -> None:
                         help="run nanoGPT's CPU recipe here first; its wall-clock is the budget")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="recipes to run (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[], metavar="SEED",
+                        help="train each recipe once per seed (lm train --seed) and rank by the median")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, common = parser.parse_known_args()
     recipes = {name: RECIPES[name] for name in (args.only or RECIPES)}
+    if not WINNERS:  # an empty list would run the defaults again under another name
+        recipes = {name: extra for name, extra in recipes.items() if extra is not WINNERS}
     peer = dict(NANOGPT, measured=False)
     if args.nanogpt:
         peer = dict(run_nanogpt(args.nanogpt, args.tinyshakespeare), measured=True)
@@ -128,37 +164,30 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         train, val = split_like_nanogpt(args.tinyshakespeare, Path(tmp))
+        # Seed by seed, every recipe in turn: a machine whose speed drifts (and so gives fewer steps in
+        # the same seconds) hits every recipe alike, not the ones that happen to run in a slow spell.
+        runs: dict[str, list[dict | None]] = {name: [] for name in recipes}
+        for seed in args.seeds or [None]:
+            for name, extra in recipes.items():
+                runs[name].append(train_and_score(name, [*budget, *common, *extra], seed, args.preset, train, val,
+                                                  Path(tmp), console))
         for name, extra in recipes.items():
-            if extra is WINNERS and not WINNERS:
-                console.print(f"{name}: skipped, WINNERS in bench/sweep.py is still empty")
+            if None in runs[name]:
                 continue
-            run = Path(tmp) / "run"
-            started = time.perf_counter()
-            trained = subprocess.run([LM, "train", str(train), "--val", str(val), "--out", str(run), "--force",
-                                      "--preset", args.preset, *budget, "--sample-tokens", "0", *common, *extra],
-                                     capture_output=True, text=True)
-            if trained.returncode != 0:
-                console.print(f"[red]{name}: {trained.stderr.strip().splitlines()[-1]}[/]")
-                continue
-            wall = time.perf_counter() - started
-            scored = subprocess.run([LM, "eval", str(run), "--text", str(val), "--format", "json"], check=True,
-                                    capture_output=True, text=True)
-            total = json.loads(scored.stdout)["runs"][0]["total"]
-            metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            last = metrics[-1]
-            speed = sorted(m["tokens_per_s"] for m in metrics)[len(metrics) // 2]
-            results.append({"recipe": name, "args": extra, "steps": last["step"], "seconds": last["time_s"],
-                            "wall_s": wall, "tokens_per_s": speed, "bits_per_byte": total["bits_per_byte"]})
-            print(f"{name}: {total['bits_per_byte']:.4f} bits/byte, {last['step']} steps, {last['time_s']:.0f} s",
-                  flush=True)
+            by_seed = [r["bits_per_byte"] for r in runs[name]]
+            middle = sorted(runs[name], key=lambda r: r["bits_per_byte"])[len(by_seed) // 2]  # the median run's
+            results.append({**middle, "recipe": name, "args": extra, "seeds": args.seeds,
+                            "bits_per_byte": median(by_seed), "by_seed": by_seed})
     table = Table(title=f"Recipes on tinyshakespeare (first 90% to train, last 10% scored), "
                         f"{' '.join(budget)}, preset {args.preset}; best first", title_justify="left")
     reference = f"vs nanoGPT's {peer['bits_per_byte']:.3f}" + ("" if peer["measured"] else " (2026-11-24)")
-    for column in ("recipe", "steps", "train s", "tokens/s", "held-out bits/byte", reference):
+    held_out = "held-out bits/byte" + (f" (median of seeds {', '.join(map(str, args.seeds))})" if args.seeds else "")
+    for column in ("recipe", "steps", "train s", "tokens/s", held_out, reference):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for r in sorted(results, key=lambda r: r["bits_per_byte"]):
+        each = f" ({', '.join(f'{b:.4f}' for b in r['by_seed'])})" if len(r["by_seed"]) > 1 else ""
         table.add_row(r["recipe"], f"{r['steps']:,}", f"{r['seconds']:.0f}", f"{r['tokens_per_s']:,.0f}",
-                      f"{r['bits_per_byte']:.4f}", f"{r['bits_per_byte'] / peer['bits_per_byte']:.3f}x")
+                      f"{r['bits_per_byte']:.4f}{each}", f"{r['bits_per_byte'] / peer['bits_per_byte']:.3f}x")
     if peer["measured"]:
         table.add_row("nanoGPT CPU recipe, run here first", f"{peer['iters']:,}", f"{peer['seconds']:.0f}", "",
                       f"{peer['bits_per_byte']:.4f}", "1.000x")

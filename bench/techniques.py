@@ -6,7 +6,7 @@ A step is what `lm train` does per step (lm/train.py): forward with the fused lo
 clipping, the optimizers' steps and, where on, the weights' average, with lm train's malloc setting
 (lm.device.keep_freed_memory); on random token ids of the
 preset's batch and context (what the arithmetic costs does not depend on the text). Each technique
-is one recipe of bench/sweep.py's sweep 11 (the same options). Blocks of `--steps` steps run in turn,
+is one recipe of bench/sweep.py's sweep 15 (the same options). Blocks of `--steps` steps run in turn,
 every recipe once per round, each round starting one recipe later, so a machine whose speed drifts
 hits all alike; each recipe's time is the median of its blocks, its ratio the median of its per-round
 ratios to the preset's block of the same round. The preset is timed twice: the second row's ratio

@@ -261,7 +261,8 @@ def command(
     plan = _plan_run(out, paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
                      text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,
                      model_overrides=model_overrides, train_overrides=train_overrides)
-    _check_plan(plan, nproc, optimizer_given=optimizer is not None, console=stderr())
+    _check_plan(plan, nproc, optimizer_given=optimizer is not None, ema_given=ema_decay is not None,
+                console=stderr())
     from lm.distributed import launched_by_torchrun
 
     if nproc > 1 and not launched_by_torchrun():
@@ -365,8 +366,9 @@ def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, toke
                    init_from, init_weights, saved, resumed_model)
 
 
-def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, console: Console) -> None:
-    """Validate the configs and the process count; under FSDP the preset's Muon gives way to AdamW."""
+def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, ema_given: bool, console: Console) -> None:
+    """Validate the configs and the process count; under FSDP the preset's Muon gives way to AdamW and its
+    weight average is left out."""
     from lm.config import MUON_UNDER_FSDP, check_together
     from lm.distributed import launched_by_torchrun
     from lm.errors import UsageError
@@ -378,6 +380,11 @@ def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, console: Co
         if not launched_by_torchrun():
             console.print("note: --fsdp shards the weight matrices Muon treats whole, so this run uses AdamW "
                           "(the preset's Muon needs --ddp)")
+    if train.fsdp and train.ema_decay and not ema_given and not plan.resume:
+        train.ema_decay = 0.0  # the average is of whole weights, which FSDP shards
+        if not launched_by_torchrun():
+            console.print("note: --fsdp shards the weights the preset's average (--ema-decay) keeps whole, so "
+                          "this run keeps none (it needs --ddp)")
     if train.fsdp and train.optimizer == "muon" and nproc > 1:
         raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start
     train.validate()
