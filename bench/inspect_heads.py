@@ -53,7 +53,8 @@ def main() -> None:
     run = random_run(work, "gpt2", tokenizer_file, "gpt2")
     model, tokenizer, _ = load_run(run)
     config = model.config
-    text = tokenizer.decode(tokenizer.encode((corpus.parent / "heldout" / "macbeth_gut.txt").read_text()[5000:20000])[:TOKENS])
+    macbeth = (corpus.parent / "heldout" / "macbeth_gut.txt").read_text()  # held out: a text none of it saw
+    text = tokenizer.decode(tokenizer.encode(macbeth[5000:20000])[:TOKENS])
 
     parts = {
         f"ablation table ({config.n_layer * config.n_head} heads, mean)": lambda: ablate_heads(model, tokenizer, text),
