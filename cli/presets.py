@@ -29,6 +29,7 @@ def command(
         tokens = train.batch_size * train.grad_accum * model.context_length
         table.add_row(preset.name, f"{model.n_layer} x {model.d_model}, {model.n_head} heads, T={model.context_length}",
                       f"{model.pos_encoding}, {model.norm}, {model.mlp}{', qk-norm' if model.qk_norm else ''}; "
-                      f"{train.optimizer}", f"{parameters / 1e6:.1f}M",
+                      f"{train.optimizer}{', weights averaged' if train.ema_decay else ''}",
+                      f"{parameters / 1e6:.1f}M",
                       f"{train.max_steps:,} x {tokens:,}", f"{train.lr:g}", preset.description)
     stdout().print(table)

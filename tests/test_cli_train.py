@@ -151,3 +151,11 @@ def test_force_replaces_a_run(trained_run: Path) -> None:
 
 def test_info_on_something_that_is_not_a_run(tmp_path: Path) -> None:
     assert_one_line_error(run_lm("info", tmp_path), "is not a run directory")
+
+
+def test_presets_table_says_which_average_their_weights() -> None:
+    result = run_lm("presets", env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
+    assert {"tiny", "small", "gpt2", "llama"} <= rows.keys()
+    assert "weights averaged" in rows["tiny"] and "weights averaged" not in rows["small"]  # --ema-decay 0.99
