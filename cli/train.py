@@ -74,8 +74,9 @@ def command(
     ] = None,
     repeat_windows: Annotated[float | None, typer.Option(
         "--repeat-windows", metavar="SHARE", rich_help_panel=DATA, show_default=False,
-        help="Make this share of the training windows a passage and the same passage again (validation stays "
-             "plain text): copying pays, so induction heads form sooner (`make demo-circuits`) [default: 0].")
+        help="Make this share of the training windows a passage (of a random length up to half the context) "
+             "and the same passage again (validation stays plain text): copying pays, so induction heads form "
+             "sooner (`make demo-circuits`) [default: 0].")
     ] = None,
     text_field: Annotated[str | None, typer.Option(
         "--text-field", metavar="NAME", rich_help_panel=DATA, show_default=False,

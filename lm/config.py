@@ -143,7 +143,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save at each evaluation
     sample_tokens: int = 48
     track_heads: bool = False  # record head detectors and the in-context score at each evaluation (lm.heads)
-    repeat_windows: float = 0.0  # this share of training windows has its second half repeat its first (lm.data)
+    repeat_windows: float = 0.0  # this share of training windows is a passage given twice (lm.data)
     val_fraction: float = 0.05
     seed: int = 1337
     device: str = "auto"

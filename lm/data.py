@@ -320,7 +320,9 @@ class BatchSampler:
     """Random training windows; `state_dict()` captures where the sequence of batches stands.
 
     With `repeat_share` > 0 that share of the windows (drawn at random) is a passage and the same passage
-    again: the second half of the window repeats the first. Natural text seldom repeats within a context,
+    again, the text going on after the copy. Each window draws its passage's length, from a sixteenth of the
+    context to half of it: at one fixed length a head could predict the copy from position alone (look back
+    that many tokens) instead of finding the earlier occurrence. Natural text seldom repeats within a context,
     so the one thing induction heads do (find the earlier occurrence of the current token and predict what
     followed it) pays off on few tokens and forms slowly; repeated passages reward it on half of a window
     (`lm train --repeat-windows`, docs/inspection.md). Validation windows are never repeated.
@@ -334,9 +336,7 @@ class BatchSampler:
         self.repeat_share = repeat_share
         self.generator = torch.Generator().manual_seed(seed)
         self._steps = torch.arange(context_length + 1)
-        half = (context_length + 1) // 2
-        # Window offsets of a repeated passage: the first `half` tokens, then those again (one more to fill).
-        self._repeated_steps = torch.cat([self._steps[:half], self._steps[:context_length + 1 - half]])
+        self._passage_lengths = (max(1, context_length // 16), max(1, (context_length + 1) // 2))
 
     def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, (batch_size, context_length) each, as int64.
@@ -350,7 +350,11 @@ class BatchSampler:
         positions = offsets[mine, None] + self._steps
         if self.repeat_share > 0:  # drawn only then: runs without it keep the sequence of batches they had
             repeated = torch.rand(batch_size * world_size, generator=self.generator)[mine] < self.repeat_share
-            positions = torch.where(repeated[:, None], offsets[mine, None] + self._repeated_steps, positions)
+            shortest, longest = self._passage_lengths
+            passage = torch.randint(shortest, longest + 1, (batch_size * world_size, 1), generator=self.generator)[mine]
+            # The passage (its first `passage` tokens), then the text again from the passage's start.
+            copied = self._steps - passage * (self._steps >= passage)
+            positions = torch.where(repeated[:, None], offsets[mine, None] + copied, positions)
         windows = self.tokens[positions].long()
         targets = windows[:, 1:]
         if self.learned is not None:

@@ -305,6 +305,13 @@ def detector_scores(weights: torch.Tensor, pattern: torch.Tensor) -> torch.Tenso
     return (weights * pattern).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
 
 
+def perfect_score(pattern: torch.Tensor) -> float:
+    """The score of a head that puts all of each query's attention on the pattern: the share of queries
+    with any pattern key. Below 1 where some have none, as the first copy of the induction sequence (about
+    half of it: a perfect induction head scores about 0.5 there, as in TransformerLens)."""
+    return (pattern.sum(dim=-1) > 0).float().mean().item()
+
+
 @dataclass
 class Detectors:
     """Scores per layer, per head, 0..1."""
@@ -314,6 +321,7 @@ class Detectors:
     induction: list[list[float]]
     induction_length: int  # random tokens per copy of the induction sequence
     induction_seed: int
+    induction_perfect: float  # what a perfect induction head scores on that sequence
 
 
 def _all_weights(model: GPT, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -336,7 +344,7 @@ def detect_heads(model: GPT, tokenizer: Tokenizer, text: str, seed: int = INDUCT
         previous_token=[detector_scores(weights[layer], previous).tolist() for layer in layers],
         duplicate_token=[detector_scores(weights[layer], duplicate).tolist() for layer in layers],
         induction=[detector_scores(induction_weights[layer], induction).tolist() for layer in layers],
-        induction_length=length, induction_seed=seed)
+        induction_length=length, induction_seed=seed, induction_perfect=perfect_score(induction))
 
 
 # Direct logit attribution -------------------------------------------------------------------------

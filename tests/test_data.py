@@ -96,19 +96,22 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch() -> None:
 
 
 def test_repeated_windows_are_a_passage_twice_and_plain_ones_unchanged() -> None:
-    tokens = torch.arange(10_000, dtype=torch.int32)
-    plain = BatchSampler(tokens, context_length=16, seed=4).next_batch(64)
-    inputs, targets = BatchSampler(tokens, context_length=16, seed=4, repeat_share=0.5).next_batch(64)
-    window = torch.cat([inputs, targets[:, -1:]], dim=1)  # the 17 tokens each row was cut from
-    repeated = (window[:, 8:16] == window[:, :8]).all(dim=1)  # 8 tokens, then those again (and the next)
-    assert 16 <= repeated.sum() <= 48  # about half, by chance
+    tokens = torch.arange(10_000, dtype=torch.int32)  # a token's id is its place in the text
+    plain = BatchSampler(tokens, context_length=64, seed=4).next_batch(64)
+    inputs, targets = BatchSampler(tokens, context_length=64, seed=4, repeat_share=0.5).next_batch(64)
     assert torch.equal(targets[:, :-1], inputs[:, 1:])  # still next-token pairs
-    assert torch.equal(window[repeated, 16], window[repeated, 7] + 1)  # the copy runs one token further
-    plain_rows = ~repeated
-    assert torch.equal(targets[plain_rows], inputs[plain_rows] + 1)  # the others are plain text...
-    assert torch.equal(inputs[:, :8], plain[0][:, :8])  # ...and every window starts where it would without repeats
-    always = BatchSampler(tokens, context_length=16, seed=4, repeat_share=1.0).next_batch(8)[0]
-    assert torch.equal(always[:, 8:], always[:, :8])
+    window = torch.cat([inputs, targets[:, -1:]], dim=1)  # the 65 tokens each row was cut from
+    jumps = window[:, 1:] != window[:, :-1] + 1
+    repeated = jumps.any(dim=1)
+    assert 16 <= repeated.sum() <= 48  # about half, by chance
+    assert (jumps.sum(dim=1) <= 1).all()  # one jump back at most: the copy then runs on as plain text
+    passage = jumps[repeated].int().argmax(dim=1) + 1  # where the copy starts
+    assert torch.equal(window[repeated, passage], window[repeated, 0])  # ...is the passage's start again
+    assert passage.min() >= 64 // 16 and passage.max() <= 32  # from a sixteenth of the context to half
+    assert len(passage.unique()) > 5  # each window its own length: no fixed offset to copy from
+    assert torch.equal(inputs[:, 0], plain[0][:, 0])  # every window starts where it would without repeats
+    always = BatchSampler(tokens, context_length=64, seed=4, repeat_share=1.0).next_batch(8)[0]
+    assert (always[:, 1:] != always[:, :-1] + 1).any(dim=1).all()
 
 
 def test_windows_reach_the_last_token() -> None:

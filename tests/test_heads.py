@@ -159,6 +159,20 @@ def test_detect_heads_shapes(sample_tokenizer) -> None:
         assert len(scores) == 2 and all(len(layer) == 4 for layer in scores)
         assert all(0 <= value <= 1 + 1e-6 for layer in scores for value in layer)
     assert found.induction_length == 31 and found.induction_seed == 0  # (64 - 1) // 2 in a 64-token context
+    assert 31 / 63 <= found.induction_perfect < 1  # at least the second copy's 31 queries of 63 have a target
+
+
+def test_a_head_on_the_pattern_scores_the_perfect_score() -> None:
+    from lm.heads import detector_scores, induction_pattern, perfect_score
+
+    ids = [7, 3, 9, 4, 3, 9, 4]  # 3 9 4 twice: queries 4-6 have a target, so do none of 0-3
+    pattern = induction_pattern(ids)
+    assert perfect_score(pattern) == pytest.approx(3 / 7)
+    rows = pattern.sum(dim=-1, keepdim=True)
+    on_key_0 = torch.zeros(7, 7)
+    on_key_0[:, 0] = 1
+    on_pattern = torch.where(rows > 0, pattern / rows.clamp(min=1), on_key_0)  # rows without a target: key 0
+    assert detector_scores(on_pattern[None], pattern).item() == pytest.approx(perfect_score(pattern))
 
 
 # Direct logit attribution -------------------------------------------------------------------------
@@ -333,7 +347,8 @@ def test_cli_table_shows_ablation_detectors_and_attribution(heads_run) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "each head mean-ablated" in out and "L1.H3 + L0.H0 ablated together" in out
-    assert "previous-token score" in out and "induction score (31 random tokens twice, seed 0)" in out
+    assert "previous-token score" in out
+    assert "induction score (31 random tokens twice, seed 0; a perfect head: 0." in out
     assert "direct logit attribution" in out and "token embedding" in out
     assert max(len(line) for line in out.splitlines()) <= 80  # nothing wrapped
 

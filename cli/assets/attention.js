@@ -307,7 +307,9 @@ function modelLegend() {
   const d = effects.detectors;
   return el("div", { class: "legend" }, `Under each head: its ${LABELS[state.label]} (TransformerLens's head detector, ` +
     `0 to 1): ${DETECTOR_MEANINGS[state.label]}` +
-    (state.label === "induction" ? ` (${d.induction_length} random tokens, seed ${d.induction_seed}).` : " on this text."));
+    (state.label === "induction" ? ` (${d.induction_length} random tokens, seed ${d.induction_seed}; a perfect ` +
+      `induction head scores ${d.induction_perfect.toFixed(2)}: the first copy's tokens have nothing earlier to find).`
+      : " on this text."));
 }
 
 // The head-effects view (pages of `lm inspect-heads --save`): a layer x head heat map of the loss change
