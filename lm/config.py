@@ -318,12 +318,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # learning rate AdamW alone trained best with; tiny holds that rate for the first half of the run and
     # brings it down in a straight line over the second (warmdown 0.5, sweeps 8-10; small keeps the
     # cosine, not swept at its size), and saves the weights' average (--ema-decay 0.99: the one speedrun
-    # technique that won, sweeps 15-18; not measured at small's size). Exportable to transformers (Qwen3)
-    # and llama.cpp (qwen3).
+    # technique that won, sweeps 15-18; not measured at small's size), with weight decay 0.5 (sweeps 19-20:
+    # in its minutes it sees a small text several times over, and decay against that overfitting won on
+    # tinyshakespeare and on the demo corpus). Exportable to transformers (Qwen3) and llama.cpp (qwen3).
     _preset("tiny", "the CPU demo: 2-3 minutes on a 2-core CPU",
             {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 128, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 600, "batch_size": 16, "lr": 4e-3, "optimizer": "muon", "warmup_steps": 50,
-             "warmdown": 0.5, "ema_decay": 0.99, "eval_every": 150, "eval_batches": 8, "log_every": 20}),
+             "warmdown": 0.5, "weight_decay": 0.5, "ema_decay": 0.99, "eval_every": 150, "eval_batches": 8,
+             "log_every": 20}),
     _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
             {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 5000, "batch_size": 32, "lr": 2e-3, "optimizer": "muon", "warmup_steps": 200,
