@@ -324,7 +324,7 @@ class BatchSampler:
     context to half of it: at one fixed length a head could predict the copy from position alone (look back
     that many tokens) instead of finding the earlier occurrence. Natural text seldom repeats within a context,
     so the one thing induction heads do (find the earlier occurrence of the current token and predict what
-    followed it) pays off on few tokens and forms slowly; repeated passages reward it on half of a window
+    followed it) pays off on few tokens and forms slowly; repeated passages reward it on up to half a window
     (`lm train --repeat-windows`, docs/inspection.md). Validation windows are never repeated.
     """
 
