@@ -50,14 +50,16 @@ def split_like_nanogpt(source: Path, folder: Path) -> tuple[Path, Path]:
 
 
 def train_and_score(train: Path, val: Path, run: Path, train_args: list[str]) -> tuple[dict, list[dict], float]:
+    """Train (a fresh process) and score on `val` with `lm eval`: the scored run, every line of the run's
+    metrics.jsonl, the training's wall seconds. A failed training raises CalledProcessError (its stderr kept)."""
     started = time.perf_counter()
     subprocess.run([LM, "train", str(train), "--val", str(val), "--out", str(run), "--force", *train_args],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     scored = subprocess.run([LM, "eval", str(run), "--text", str(val), "--format", "json"], check=True,
                             capture_output=True, text=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return json.loads(scored.stdout)["runs"][0], [m for m in metrics if "val_bpb" in m], seconds
+    return json.loads(scored.stdout)["runs"][0], metrics, seconds
 
 
 def main() -> None:
@@ -77,7 +79,8 @@ def main() -> None:
             train, val = args.corpus / "train", args.corpus / "heldout"
             protocol = f"{args.corpus}: train/ to train, heldout/ scored"
         run = args.keep or Path(tmp) / "run"
-        scored, evaluations, seconds = train_and_score(train, val, run, train_args)
+        scored, metrics, seconds = train_and_score(train, val, run, train_args)
+        evaluations = [m for m in metrics if "val_bpb" in m]
     console = Console(width=120)
     curve = Table(title=f"lm train {' '.join(train_args)}: held-out bits per byte during the run "
                         "(estimates on a spread sample of the windows; the last one is complete)",

@@ -24,12 +24,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
 from nanogpt import run_nanogpt
-from quality import LM, NANOGPT, design_flags, split_like_nanogpt
+from quality import NANOGPT, design_flags, split_like_nanogpt, train_and_score
 from rich.console import Console
 from rich.table import Table
 
@@ -120,23 +119,16 @@ def seed_flags(seed: int | None) -> list[str]:
     return [] if seed is None else ["--seed", str(seed)]
 
 
-def train_and_score(name: str, flags: list[str], seed: int | None, preset: str, train: Path, val: Path, tmp: Path,
-                    console: Console) -> dict | None:
-    """Train one recipe (a fresh process) and score it on `val` with `lm eval`; None when training failed."""
-    run = tmp / "run"
-    started = time.perf_counter()
-    trained = subprocess.run([LM, "train", str(train), "--val", str(val), "--out", str(run), "--force",
-                              "--preset", preset, "--sample-tokens", "0", *flags, *seed_flags(seed)],
-                             capture_output=True, text=True)
-    if trained.returncode != 0:
-        console.print(f"[red]{name}: {trained.stderr.strip().splitlines()[-1]}[/]")
+def run_recipe(name: str, flags: list[str], seed: int | None, preset: str, train: Path, val: Path, tmp: Path,
+               console: Console) -> dict | None:
+    """Train one recipe and score it on `val`; None when training failed."""
+    try:
+        scored, metrics, wall = train_and_score(train, val, tmp / "run", ["--preset", preset, "--sample-tokens", "0",
+                                                                          *flags, *seed_flags(seed)])
+    except subprocess.CalledProcessError as failed:
+        console.print(f"[red]{name}: {failed.stderr.strip().splitlines()[-1]}[/]")
         return None
-    wall = time.perf_counter() - started
-    scored = subprocess.run([LM, "eval", str(run), "--text", str(val), "--format", "json"], check=True,
-                            capture_output=True, text=True)
-    total = json.loads(scored.stdout)["runs"][0]["total"]
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    last = metrics[-1]
+    total, last = scored["total"], metrics[-1]
     speed = sorted(m["tokens_per_s"] for m in metrics)[len(metrics) // 2]
     label = name if seed is None else f"{name} (seed {seed})"
     print(f"{label}: {total['bits_per_byte']:.4f} bits/byte, {last['step']} steps, {last['time_s']:.0f} s", flush=True)
@@ -159,8 +151,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, common = parser.parse_known_args()
     recipes = {name: RECIPES[name] for name in (args.only or RECIPES)}
-    if not WINNERS:  # an empty list would run the defaults again under another name
-        recipes = {name: extra for name, extra in recipes.items() if extra is not WINNERS}
     peer = dict(NANOGPT, measured=False)
     if args.nanogpt:
         peer = dict(run_nanogpt(args.nanogpt, args.tinyshakespeare), measured=True)
@@ -177,8 +167,8 @@ def main() -> None:
         runs: dict[str, list[dict | None]] = {name: [] for name in recipes}
         for seed in args.seeds or [None]:
             for name, extra in recipes.items():
-                runs[name].append(train_and_score(name, [*budget, *common, *extra], seed, args.preset, train, val,
-                                                  Path(tmp), console))
+                runs[name].append(run_recipe(name, [*budget, *common, *extra], seed, args.preset, train, val,
+                                             Path(tmp), console))
         for name, extra in recipes.items():
             if None in runs[name]:
                 continue
