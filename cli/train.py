@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from lm.cli.train_tokenizer import VOCAB_SIZE_DEFAULT
+
 if TYPE_CHECKING:
     from lm.config import ModelConfig, TrainConfig
     from lm.data import Splits, TextSplit, TokenCorpus
@@ -65,7 +67,7 @@ def command(
     ] = None,
     vocab_size: Annotated[int | None, typer.Option(
         "--vocab-size", metavar="N", rich_help_panel=DATA, show_default=False,
-        help="Vocabulary size of the tokenizer trained when --tokenizer is not given [default: 8192].")
+        help=f"Vocabulary size of the tokenizer trained when --tokenizer is not given {VOCAB_SIZE_DEFAULT}.")
     ] = None,
     val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", metavar="F", rich_help_panel=DATA,
@@ -463,7 +465,7 @@ def _prepare_data(plan: RunPlan, text: TextSplit, context: Distributed, console:
     _describe_validation(console, text.record, val_given=bool(plan.val),
                          tokenizer=None if plan.resume or plan.init_from else plan.tokenizer, train_paths=plan.paths)
     tok = Tokenizer.from_file(plan.tokenizer) if plan.tokenizer is not None else _shared_tokenizer(
-        context, text.train, plan.vocab_size or 8192, console)
+        context, text.train, plan.vocab_size, console)
     if plan.chat:
         tok = _with_chat_tokens(tok, console)
     model = with_overrides(plan.model, {"vocab_size": tok.vocab_size})
@@ -680,7 +682,8 @@ def _launch_processes(nproc: int) -> int:
     return 0
 
 
-def _shared_tokenizer(context: Distributed, sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
+def _shared_tokenizer(context: Distributed, sources: TextFiles, vocab_size: int | None,
+                      console: Console) -> Tokenizer:
     """Trained once, by process 0, and handed to the others."""
     from lm import distributed
     from lm.tokenizer import Tokenizer
@@ -718,12 +721,15 @@ def _describe_validation(console: Console, record: dict[str, Any], *, val_given:
                       f"`lm train-tokenizer {' '.join(train_paths)}` {leave_out}, or drop --tokenizer.")
 
 
-def _train_tokenizer(sources: TextFiles, vocab_size: int, console: Console) -> Tokenizer:
-    from lm.cli.render import byte_progress
-    from lm.tokenizer import TokenizerConfig, train_tokenizer
+def _train_tokenizer(sources: TextFiles, vocab_size: int | None, console: Console) -> Tokenizer:
+    from lm.cli.render import byte_progress, human_bytes
+    from lm.tokenizer import TokenizerConfig, default_vocab_size, train_tokenizer
 
-    config = TokenizerConfig(vocab_size=vocab_size)
-    console.print(f"No --tokenizer given: training a {vocab_size:,}-token BPE tokenizer on the training text first.")
+    config = TokenizerConfig(vocab_size=default_vocab_size(sources.total_bytes) if vocab_size is None else vocab_size)
+    size = human_bytes(sources.total_bytes)
+    sized = "" if vocab_size is not None else f" (sized to its {size}; --vocab-size to choose)"
+    console.print(f"No --tokenizer given: training a {config.vocab_size:,}-token BPE tokenizer on the training text "
+                  f"first{sized}.")
     with byte_progress(console) as progress:
         task = progress.add_task("tokenizer", total=sources.total_bytes)
         tok, report = train_tokenizer(sources, config, lambda n, _: progress.update(task, completed=n))

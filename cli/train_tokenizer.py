@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+# The help's note on --vocab-size's default (lm.tokenizer.default_vocab_size), here and in `lm train`.
+VOCAB_SIZE_DEFAULT = ("[default: sized to the text, one token per 500 bytes as a power of two within 512-8192: "
+                      "2048 for 1 MB]")
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -17,9 +21,9 @@ def command(
     paths: Annotated[list[str], typer.Argument(
         metavar="PATH", show_default=False,
         help="Text files, folders (read recursively) or glob patterns.")],
-    vocab_size: Annotated[int, typer.Option(
-        "--vocab-size", metavar="N",
-        help="Tokens in the vocabulary: 256 bytes + special tokens + learned merges.")] = 8192,
+    vocab_size: Annotated[int | None, typer.Option(
+        "--vocab-size", metavar="N", show_default=False,
+        help=f"Tokens in the vocabulary: 256 bytes + special tokens + learned merges {VOCAB_SIZE_DEFAULT}.")] = None,
     out: Annotated[Path, typer.Option(
         "--out", "-o", metavar="FILE",
         help="Where to write tokenizer.json.")] = Path("tokenizer.json"),
@@ -43,12 +47,12 @@ def command(
     from lm.atomic import prepare_output
     from lm.cli.render import byte_progress, stdout
     from lm.textfiles import find_text_files
-    from lm.tokenizer import TokenizerConfig, train_tokenizer
+    from lm.tokenizer import TokenizerConfig, default_vocab_size, train_tokenizer
 
-    config = TokenizerConfig(vocab_size=vocab_size, min_frequency=min_frequency,
-                             special_tokens=tuple(special_token or ()))
     prepare_output(out, overwrite=force, what="tokenizer")
     sources = find_text_files(paths, exclude=[out], text_field=text_field)  # never our own earlier output
+    config = TokenizerConfig(vocab_size=default_vocab_size(sources.total_bytes) if vocab_size is None else vocab_size,
+                             min_frequency=min_frequency, special_tokens=tuple(special_token or ()))
     with byte_progress() as progress:
         task = progress.add_task("reading", total=sources.total_bytes)
 

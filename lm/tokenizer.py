@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,24 @@ ENCODER_PROBE = ("The lamp's lit; we'll READ 12345 pages.\n\n\t  Ünïcödé: �
 HELD_OUT_EVERY = 50
 HELD_OUT_MAX_CHARS = 1 << 18
 EXAMPLE_TOKENS = 8
+
+
+# A vocabulary sized to the text: one entry per BYTES_PER_VOCAB_ENTRY bytes, so that a learned token occurs
+# about a hundred times in the training text on average; a token seen a handful of times gets an embedding
+# the model cannot learn in a short run, and its share of the output head costs time on every step. On
+# tinyshakespeare (1.0 MB) at the tiny preset's budget 2,048 tokens beat 1,024, 1,536, 3,072 and 8,192
+# (docs/benchmarks.md, sweeps 19-21); the demo corpus (4.8 MB) keeps the 8,192 it was tuned with.
+BYTES_PER_VOCAB_ENTRY = 500
+SMALLEST_DEFAULT_VOCAB = 512
+LARGEST_DEFAULT_VOCAB = 8192
+
+
+def default_vocab_size(text_bytes: int) -> int:
+    """The vocabulary to learn when none is asked for: text_bytes / 500, rounded to the nearest power of
+    two (in log scale), kept within 512..8192."""
+    wanted = max(text_bytes, 1) / BYTES_PER_VOCAB_ENTRY
+    power = 1 << max(round(math.log2(wanted)), 0)
+    return min(max(power, SMALLEST_DEFAULT_VOCAB), LARGEST_DEFAULT_VOCAB)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,15 @@ def test_folders_and_globs_from_the_command_line(tmp_path: Path) -> None:
     assert by_glob.returncode == 0 and "1 file," in by_glob.stdout
 
 
+def test_train_tokenizer_sizes_the_vocabulary_to_the_text_by_default(tmp_path: Path) -> None:
+    result = run_lm("train-tokenizer", SAMPLE, "--out", tmp_path / "t.json")
+    assert result.returncode == 0, result.stderr
+    assert SAMPLE.stat().st_size < 300_000  # a small text asks for the smallest default vocabulary
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "t.json")).get_vocab_size() <= 512
+    summary = " ".join(result.stdout.split())
+    assert "512 tokens (256 bytes" in summary or "512 asked" in summary
+
+
 def test_train_tokenizer_explains_a_small_vocabulary(tmp_path: Path) -> None:
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("abc abc abc\n")

@@ -16,6 +16,7 @@ from lm.tokenizer import (
     HELD_OUT_EVERY,
     Tokenizer,
     TokenizerConfig,
+    default_vocab_size,
     enclosing_characters,
     train_tokenizer,
     visible_text,
@@ -145,6 +146,15 @@ def test_a_small_text_stops_short_of_the_vocab_asked_and_says_so(tmp_path: Path)
     assert report.vocab_shortfall and tok.vocab_size < 1000
     assert not report.sample_is_held_out  # one line: nothing to hold out, measured on training text
     assert report.bytes_per_token > 1
+
+
+@pytest.mark.parametrize(("text_bytes", "vocab"), [
+    (0, 512), (20_000, 512), (300_000, 512), (400_000, 1024),  # small texts: the smallest default
+    (1_003_854, 2048),  # tinyshakespeare's training 90%
+    (1_500_000, 4096), (4_840_000, 8192), (10**9, 8192),  # the demo corpus and beyond: the largest
+])
+def test_the_default_vocabulary_grows_with_the_text_as_a_power_of_two(text_bytes: int, vocab: int) -> None:
+    assert default_vocab_size(text_bytes) == vocab
 
 
 def test_visible_text_and_enclosing_characters() -> None:
