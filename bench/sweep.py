@@ -108,6 +108,11 @@ RECIPES: dict[str, list[str]] = {
     "defaults, vocab 1024, weight decay 0.5": ["--vocab-size", "1024", "--weight-decay", "0.5"],
     "defaults, vocab 1024, weight decay 0.5, 3 layers": ["--vocab-size", "1024", "--weight-decay", "0.5",
                                                           "--n-layer", "3"],
+    # Sweep 21: since then `lm train` sizes the vocabulary it trains to the text (2,048 tokens for
+    # tinyshakespeare's 1 MB, lm.tokenizer.default_vocab_size), and the preset has three layers.
+    "defaults before sweep 21 (8,192 tokens, 4 layers)": ["--vocab-size", "8192", "--n-layer", "4"],
+    "defaults, 4 layers": ["--n-layer", "4"],
+    "defaults, qk gain 1.2, warmdown 0.7": ["--qk-gain", "1.2", "--warmdown", "0.7"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
 # Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).
