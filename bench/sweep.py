@@ -112,6 +112,8 @@ RECIPES: dict[str, list[str]] = {
     # tinyshakespeare's 1 MB, lm.tokenizer.default_vocab_size), and the preset has three layers.
     "defaults before sweep 21 (8,192 tokens, 4 layers)": ["--vocab-size", "8192", "--n-layer", "4"],
     "defaults, 4 layers": ["--n-layer", "4"],
+    "defaults, batch 12": ["--batch-size", "12"],
+    "defaults, batch 12, 2 heads": ["--batch-size", "12", "--n-head", "2"],
     "defaults, qk gain 1.2, warmdown 0.7": ["--qk-gain", "1.2", "--warmdown", "0.7"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
