@@ -723,10 +723,12 @@ def _describe_validation(console: Console, record: dict[str, Any], *, val_given:
 
 def _train_tokenizer(sources: TextFiles, vocab_size: int | None, console: Console) -> Tokenizer:
     from lm.cli.render import byte_progress, human_bytes
+    from lm.textfiles import text_bytes
     from lm.tokenizer import TokenizerConfig, default_vocab_size, train_tokenizer
 
-    config = TokenizerConfig(vocab_size=default_vocab_size(sources.total_bytes) if vocab_size is None else vocab_size)
-    size = human_bytes(sources.total_bytes)
+    text = text_bytes(sources)
+    config = TokenizerConfig(vocab_size=default_vocab_size(text) if vocab_size is None else vocab_size)
+    size = human_bytes(text)
     sized = "" if vocab_size is not None else f" (sized to its {size}; --vocab-size to choose)"
     console.print(f"No --tokenizer given: training a {config.vocab_size:,}-token BPE tokenizer on the training text "
                   f"first{sized}.")

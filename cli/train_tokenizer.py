@@ -46,12 +46,12 @@ def command(
     """
     from lm.atomic import prepare_output
     from lm.cli.render import byte_progress, stdout
-    from lm.textfiles import find_text_files
+    from lm.textfiles import find_text_files, text_bytes
     from lm.tokenizer import TokenizerConfig, default_vocab_size, train_tokenizer
 
     prepare_output(out, overwrite=force, what="tokenizer")
     sources = find_text_files(paths, exclude=[out], text_field=text_field)  # never our own earlier output
-    config = TokenizerConfig(vocab_size=default_vocab_size(sources.total_bytes) if vocab_size is None else vocab_size,
+    config = TokenizerConfig(vocab_size=default_vocab_size(text_bytes(sources)) if vocab_size is None else vocab_size,
                              min_frequency=min_frequency, special_tokens=tuple(special_token or ()))
     with byte_progress() as progress:
         task = progress.add_task("reading", total=sources.total_bytes)

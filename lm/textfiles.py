@@ -216,6 +216,38 @@ def _cut(part: TextPart, offset: int, *, last: bool) -> tuple[TextPart | None, T
             TextPart(part.path, middle, part.end, (first + keep, stop)) if keep < count else None)
 
 
+DEFLATE_MAX_RATIO = 1032  # deflate never shrinks data more than this
+GZIP_OVERHEAD = 64  # header and trailer bytes, generously
+
+
+def text_bytes(sources: TextFiles) -> int:
+    """About how many bytes of text `sources` hold once decompressed (what a default vocabulary is sized
+    by): a gzip file's own record of its size, a Parquet file's text column before compression, other
+    files' sizes as they are; a piece of a compressed file gets its share of the whole."""
+    total = 0
+    for part in sources.parts:
+        on_disk = part.path.stat().st_size
+        compressed = part.format in (TEXT_GZ, JSONL_GZ, PARQUET)
+        whole = _decompressed_size(part.path, sources.text_field) if compressed else on_disk
+        total += round(whole * part.size / on_disk) if on_disk else 0
+    return total
+
+
+def _decompressed_size(path: Path, column: str) -> int:
+    if file_format(path) == PARQUET:
+        metadata = _parquet_file(path).metadata
+        return sum(chunk.total_uncompressed_size for group in range(metadata.num_row_groups)
+                   for chunk in (metadata.row_group(group).column(i) for i in range(metadata.num_columns))
+                   if chunk.path_in_schema == column)
+    with path.open("rb") as handle:  # gzip ends with its (last member's) size mod 2^32
+        handle.seek(-4, 2)
+        recorded = int.from_bytes(handle.read(4), "little")
+    on_disk = path.stat().st_size
+    while recorded * DEFLATE_MAX_RATIO + GZIP_OVERHEAD < on_disk:  # wrapped past 4 GiB
+        recorded += 1 << 32
+    return recorded
+
+
 def count_records(path: Path) -> int:
     """Lines of a gzip file's text, or rows of a Parquet file (read from its footer)."""
     if file_format(path) == PARQUET:

@@ -66,8 +66,8 @@ LARGEST_DEFAULT_VOCAB = 8192
 
 def default_vocab_size(text_bytes: int) -> int:
     """The vocabulary to learn when none is asked for: text_bytes / 500, rounded to the nearest power of
-    two (in log scale), kept within 512..8192. Callers pass the files' size on disk (TextFiles.total_bytes),
-    which undercounts compressed files: the docs tell their users to give --vocab-size."""
+    two (in log scale), kept within 512..8192. `text_bytes` counts compressed files decompressed
+    (lm.textfiles.text_bytes)."""
     wanted = max(text_bytes, 1) / BYTES_PER_VOCAB_ENTRY
     power = 1 << max(round(math.log2(wanted)), 0)
     return min(max(power, SMALLEST_DEFAULT_VOCAB), LARGEST_DEFAULT_VOCAB)

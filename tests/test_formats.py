@@ -21,6 +21,7 @@ from lm.textfiles import (
     hold_out_tail,
     iter_pieces,
     iter_text_chunks,
+    text_bytes,
 )
 from lm.tokenizer import Tokenizer
 
@@ -67,6 +68,21 @@ def test_each_format_gives_the_token_stream_of_the_text_files(kind: str, tmp_pat
     assert got.tokens.long().tolist().count(sample_tokenizer.eot_id) == 3 and got.bad_records == 0
     text = "".join(iter_text_chunks(find_text_files([made[kind]])))
     assert text == "".join(documents())
+
+
+@pytest.mark.parametrize("kind", ["txt", "txt.gz", "jsonl", "jsonl.gz", "parquet"])
+def test_text_bytes_counts_compressed_files_as_their_text(kind: str, tmp_path: Path) -> None:
+    made = write_formats(tmp_path, documents())
+    plain = {"txt": made["txt"], "txt.gz": made["txt"], "parquet": made["txt"], "jsonl": made["jsonl"],
+             "jsonl.gz": made["jsonl"]}[kind]
+    expected = find_text_files([plain]).total_bytes
+    sources = find_text_files([made[kind]])
+    if kind == "parquet":  # the column's pages hold a length before each value, and page headers
+        assert expected <= text_bytes(sources) < 1.1 * expected
+    else:
+        assert text_bytes(sources) == expected
+    if kind in ("txt.gz", "jsonl.gz", "parquet"):
+        assert sources.total_bytes < 0.8 * expected  # on disk: compressed (the long document repeats itself)
 
 
 def test_the_text_field_is_chosen_and_part_of_the_cache_key(tmp_path: Path, sample_tokenizer: Tokenizer) -> None:
