@@ -114,7 +114,6 @@ RECIPES: dict[str, list[str]] = {
     "defaults, 4 layers": ["--n-layer", "4"],
     "defaults, batch 12": ["--batch-size", "12"],
     "defaults, batch 12, 2 heads": ["--batch-size", "12", "--n-head", "2"],
-    "defaults, qk gain 1.2, warmdown 0.7": ["--qk-gain", "1.2", "--warmdown", "0.7"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
 # Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).

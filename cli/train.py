@@ -728,8 +728,7 @@ def _train_tokenizer(sources: TextFiles, vocab_size: int | None, console: Consol
 
     text = text_bytes(sources)
     config = TokenizerConfig(vocab_size=default_vocab_size(text) if vocab_size is None else vocab_size)
-    size = human_bytes(text)
-    sized = "" if vocab_size is not None else f" (sized to its {size}; --vocab-size to choose)"
+    sized = "" if vocab_size is not None else f" (sized to its {human_bytes(text)}; --vocab-size to choose)"
     console.print(f"No --tokenizer given: training a {config.vocab_size:,}-token BPE tokenizer on the training text "
                   f"first{sized}.")
     with byte_progress(console) as progress:

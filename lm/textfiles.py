@@ -227,22 +227,23 @@ def text_bytes(sources: TextFiles) -> int:
     total = 0
     for part in sources.parts:
         on_disk = part.path.stat().st_size
-        compressed = part.format in (TEXT_GZ, JSONL_GZ, PARQUET)
-        whole = _decompressed_size(part.path, sources.text_field) if compressed else on_disk
-        total += round(whole * part.size / on_disk) if on_disk else 0
+        if on_disk:
+            total += round(_file_text_bytes(part, sources.text_field, on_disk) * part.size / on_disk)
     return total
 
 
-def _decompressed_size(path: Path, column: str) -> int:
-    if file_format(path) == PARQUET:
-        metadata = _parquet_file(path).metadata
-        return sum(chunk.total_uncompressed_size for group in range(metadata.num_row_groups)
-                   for chunk in (metadata.row_group(group).column(i) for i in range(metadata.num_columns))
-                   if chunk.path_in_schema == column)
-    with path.open("rb") as handle:  # gzip ends with its (last member's) size mod 2^32
+def _file_text_bytes(part: TextPart, column: str, on_disk: int) -> int:
+    """The text in the whole file `part` is a piece of."""
+    if part.format == PARQUET:
+        metadata = _parquet_file(part.path).metadata
+        chunks = (metadata.row_group(group).column(i)
+                  for group in range(metadata.num_row_groups) for i in range(metadata.num_columns))
+        return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema == column)
+    if part.format not in (TEXT_GZ, JSONL_GZ):
+        return on_disk
+    with part.path.open("rb") as handle:  # gzip ends with its (last member's) size mod 2^32
         handle.seek(-4, 2)
         recorded = int.from_bytes(handle.read(4), "little")
-    on_disk = path.stat().st_size
     while recorded * DEFLATE_MAX_RATIO + GZIP_OVERHEAD < on_disk:  # wrapped past 4 GiB
         recorded += 1 << 32
     return recorded
