@@ -77,3 +77,14 @@ def test_a_process_first_loss_gradients_equal_its_later_ones() -> None:
         result = subprocess.run([sys.executable, "-c", FIRST_AND_SECOND_GRADIENTS], capture_output=True,
                                 text=True, timeout=120)
         assert result.stdout.strip() == "True", result.stderr[-300:]
+
+
+def test_fused_loss_stays_exact_for_a_target_too_unlikely_for_float32() -> None:
+    """A target ~200 nats below the best has a softmax share of 0 in float32; its loss comes from the logits."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([1, 2])  # row 0: logits 100, -100, 0, target the -100
+    fused, plain = (plain_loss_and_grads(hidden, weight, targets, fused) for fused in (True, False))
+    assert 99.0 < float(fused[0]) < 102.0  # (200 + 1.3) / 2 over the two rows, not inf
+    for got, expected in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # weights of 100: rounding ~1e-6
