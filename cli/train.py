@@ -188,6 +188,10 @@ def command(
              "(a cosine).")] = None,
     adam_eps: Annotated[float | None, typer.Option(
         "--adam-eps", metavar="EPS", rich_help_panel=OPTIMIZER, help="AdamW's epsilon (e.g. 1e-10).")] = None,
+    adam_beta2: Annotated[float | None, typer.Option(
+        "--adam-beta2", metavar="B", rich_help_panel=OPTIMIZER,
+        help="AdamW's second-moment decay: how many steps of squared gradients (about 1/(1-B)) scale its "
+             "updates.")] = None,
     embed_lr_scale: Annotated[float | None, typer.Option(
         "--embed-lr-scale", metavar="X", rich_help_panel=OPTIMIZER,
         help="Learning rate of the embedding tables as a multiple of --lr (not weight-decayed when not 1).")
@@ -258,8 +262,8 @@ def command(
                        "repeat_windows": repeat_windows,
                        "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
                        "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
-                       "adam_eps": adam_eps, "embed_lr_scale": embed_lr_scale, "head_lr_scale": head_lr_scale,
-                       "scalar_lr_scale": scalar_lr_scale, "ema_decay": ema_decay}
+                       "adam_eps": adam_eps, "beta2": adam_beta2, "embed_lr_scale": embed_lr_scale,
+                       "head_lr_scale": head_lr_scale, "scalar_lr_scale": scalar_lr_scale, "ema_decay": ema_decay}
     # Everything that can be wrong is checked before anything is written or deleted.
     plan = _plan_run(out, paths, val=val, tokenizer=tokenizer, vocab_size=vocab_size, preset=preset,
                      text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,

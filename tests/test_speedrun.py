@@ -285,12 +285,13 @@ def test_tiny_head_and_zero_projections_at_initialisation() -> None:
 # optimizer options -----------------------------------------------------------------------------
 
 
-def test_embedding_head_and_scalar_learning_rates_and_adam_eps() -> None:
+def test_embedding_head_and_scalar_learning_rates_and_adam_eps_and_beta2() -> None:
     model = GPT(config(tie_embeddings=False, residual_scalars=True, smear=True, value_embeddings=True,
                        bigram_buckets=11))
     train = TrainConfig(optimizer="muon", lr=0.01, embed_lr_scale=20, head_lr_scale=0.5, scalar_lr_scale=3,
-                        adam_eps=1e-10)
+                        adam_eps=1e-10, beta2=0.97)
     muon, adamw = make_optimizers(model, train, torch.device("cpu"))
+    assert adamw.defaults["betas"] == (0.9, train.beta2) and adamw.defaults["eps"] == 1e-10
     set_lr([muon, adamw], 0.004)
     names = {id(p): n for n, p in model.named_parameters()}
     lrs = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in adamw.param_groups for p in g["params"]}
@@ -415,6 +416,7 @@ def test_config_errors_name_the_option() -> None:
         with pytest.raises(UsageError, match=message):
             config(**changes).validate()
     for changes, message in (({"adam_eps": 0.0}, "--adam-eps"), ({"ema_decay": 1.0}, "--ema-decay must be in"),
+                             ({"beta2": 1.0}, "--adam-beta2 must be at least 0 and below 1"),
                              ({"embed_lr_scale": 0.0}, "--embed-lr-scale must be a positive"),
                              ({"warmdown_shape": "cosine"}, "--warmdown-shape 'cosine' is not one of")):
         with pytest.raises(UsageError, match=message):
@@ -429,7 +431,7 @@ EVERY_OPTION = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu"
                 "--bigram-buckets", "64", "--qk-gain", "1.2", "--head-init-std", "0.001", "--zero-init-proj",
                 "--optimizer", "muon", "--warmdown", "0.5", "--warmdown-shape", "1-sqrt", "--muon-cautious-wd",
                 "--adam-eps", "1e-10", "--embed-lr-scale", "5", "--head-lr-scale", "0.5", "--scalar-lr-scale", "2",
-                "--ema-decay", "0.9"]
+                "--ema-decay", "0.9", "--adam-beta2", "0.98"]
 SMALL = ["-T", "16", "--n-layer", "2", "--n-head", "2", "--d-model", "16", "-B", "4", "--vocab-size", "300",
          "--eval-every", "6", "--log-every", "3", "--sample-tokens", "4", "--device", "cpu"]
 
@@ -446,7 +448,8 @@ def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tm
     saved = rundir.read_config(run)
     assert saved.model.techniques() == ["--residual-scalars", "--logit-softcap", "--value-embeddings", "--smear",
                                         "--bigram-buckets", "--qk-gain"]
-    assert (saved.train.ema_decay, saved.train.warmdown_shape, saved.train.adam_eps) == (0.9, "1-sqrt", 1e-10)
+    assert (saved.train.ema_decay, saved.train.warmdown_shape, saved.train.adam_eps, saved.train.beta2) == (
+        0.9, "1-sqrt", 1e-10, 0.98)
     final = [r for r in rundir.read_metrics(run) if "val_loss" in r][-1]
     # The held-out text scored from the saved weights (the average) gives what the run's last evaluation did.
     scored = run_lm("eval", run, "--text", tmp_path / "val.txt", "--format", "json")
