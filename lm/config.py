@@ -187,6 +187,8 @@ class TrainConfig:
             raise UsageError("--muon-cautious-wd changes Muon's weight decay; add --optimizer muon")
         if not (0 < self.adam_eps < 1):
             raise UsageError(f"--adam-eps must be a small positive number such as 1e-10, got {self.adam_eps}")
+        if not (0 <= self.beta2 < 1):
+            raise UsageError(f"--adam-beta2 must be at least 0 and below 1, such as 0.99, got {self.beta2}")
         for flag, value in (("--embed-lr-scale", self.embed_lr_scale), ("--head-lr-scale", self.head_lr_scale),
                             ("--scalar-lr-scale", self.scalar_lr_scale)):
             if not (value > 0 and math.isfinite(value)):
@@ -318,16 +320,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # learning rate AdamW alone trained best with; tiny holds that rate for the first half of the run and
     # brings it down in a straight line over the second (warmdown 0.5, sweeps 8-10; small keeps the
     # cosine, not swept at its size), and saves the weights' average (--ema-decay 0.99: the one speedrun
-    # technique that won, sweeps 15-18; not measured at small's size), with weight decay 0.5 (sweeps 19-20:
+    # technique that won, sweeps 15-18; not measured at small's size), with weight decay (sweeps 19-20:
     # in its minutes it sees a small text several times over, and decay against that overfitting won on
-    # tinyshakespeare and on the demo corpus), three layers (sweep 21: with the vocabulary sized to the
-    # text, better on tinyshakespeare in every seed, natively and on AVX2, and level on the demo corpus in
-    # 23% less time). Exportable to transformers (Qwen3) and llama.cpp (qwen3).
+    # tinyshakespeare and on the demo corpus; 1.0, Muon's lr x1.4 and AdamW's beta2 0.99 since sweep 23),
+    # three layers (sweep 21: with the vocabulary sized to the text, better on tinyshakespeare in every
+    # seed, natively and on AVX2, and level on the demo corpus in 23% less time). Exportable to
+    # transformers (Qwen3) and llama.cpp (qwen3).
     _preset("tiny", "the CPU demo: 2-3 minutes on a 2-core CPU",
             {"n_layer": 3, "n_head": 4, "d_model": 128, "context_length": 128, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 600, "batch_size": 16, "lr": 4e-3, "optimizer": "muon", "warmup_steps": 50,
-             "warmdown": 0.5, "weight_decay": 0.5, "ema_decay": 0.99, "eval_every": 150, "eval_batches": 8,
-             "log_every": 20}),
+             "warmdown": 0.5, "weight_decay": 1.0, "muon_lr_scale": 1.4, "beta2": 0.99, "ema_decay": 0.99,
+             "eval_every": 150, "eval_batches": 8, "log_every": 20}),
     _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
             {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 5000, "batch_size": 32, "lr": 2e-3, "optimizer": "muon", "warmup_steps": 200,
