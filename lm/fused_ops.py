@@ -34,7 +34,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
         width = x.size(-1)
-        inverse_rms = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width).add_(eps)).rsqrt_()
+        inverse_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, inverse_rms)
         return x * inverse_rms * weight
 
@@ -56,14 +56,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Each pair (x_i, x_{i+d/2}) rotated by the angle whose cos and sin (first half of the tables) are given."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, direction: float = 1.0) -> torch.Tensor:
+    """Each pair (x_i, x_{i+d/2}) rotated by its position's angle (`direction` -1: by the opposite angle);
+    cos and sin are lm.model.rope_tables', whose two halves are equal."""
     half = x.size(-1) // 2
     first, second = x[..., :half], x[..., half:]
     cos, sin = cos[..., :half], sin[..., :half]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-1.0)
-    torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin)
+    torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-direction)
+    torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin, value=direction)
     return out
 
 
@@ -76,7 +77,7 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
+        return _rotate(grad, cos, sin, direction=-1.0), None, None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

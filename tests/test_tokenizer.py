@@ -164,3 +164,13 @@ def test_visible_text_and_enclosing_characters() -> None:
     data = "x日y".encode()
     assert enclosing_characters(data, 2, 3) == "日"
     assert enclosing_characters(data, 0, 1) == "x"
+
+
+def test_the_help_states_the_default_vocabulary_rule_as_the_code_applies_it() -> None:
+    """The CLI's help note is written out (importing lm.tokenizer would slow every `--help`): it must agree."""
+    from lm.cli.train_tokenizer import VOCAB_SIZE_DEFAULT
+    from lm.tokenizer import BYTES_PER_VOCAB_ENTRY, LARGEST_DEFAULT_VOCAB, SMALLEST_DEFAULT_VOCAB
+
+    assert f"one token per {BYTES_PER_VOCAB_ENTRY} bytes" in VOCAB_SIZE_DEFAULT
+    assert f"{SMALLEST_DEFAULT_VOCAB}-{LARGEST_DEFAULT_VOCAB}" in VOCAB_SIZE_DEFAULT
+    assert f"{default_vocab_size(1_000_000)} for 1 MB" in VOCAB_SIZE_DEFAULT
