@@ -182,10 +182,21 @@ def command(
         "--muon-ns-steps", metavar="N", rich_help_panel=OPTIMIZER,
         help="Newton-Schulz iterations in each Muon update (fewer: a cheaper, rougher orthogonalisation).")
     ] = None,
+    muon_momentum: Annotated[float | None, typer.Option(
+        "--muon-momentum", metavar="M", rich_help_panel=OPTIMIZER,
+        help="How much of Muon's running gradient carries into each step (Nesterov momentum; 0.95).")] = None,
     muon_cautious_wd: Annotated[bool | None, typer.Option(
         "--muon-cautious-wd/--no-muon-cautious-wd", rich_help_panel=OPTIMIZER, show_default=False,
         help="Muon decays a weight only where its update shrinks it too, the decay falling to 0 over the run "
              "(a cosine).")] = None,
+    muon_polar_express: Annotated[bool | None, typer.Option(
+        "--muon-polar-express/--no-muon-polar-express", rich_help_panel=OPTIMIZER, show_default=False,
+        help="Muon orthogonalises with Polar Express's five quintics (singular values nearer 1 in as many "
+             "iterations).")] = None,
+    normuon_beta2: Annotated[float | None, typer.Option(
+        "--normuon-beta2", metavar="B", rich_help_panel=OPTIMIZER,
+        help="NorMuon: even out each neuron's share of Muon's update by a running mean of its squares decaying "
+             "by B per step (0: off; 0.9 is NorMuon's).")] = None,
     adam_eps: Annotated[float | None, typer.Option(
         "--adam-eps", metavar="EPS", rich_help_panel=OPTIMIZER, help="AdamW's epsilon (e.g. 1e-10).")] = None,
     adam_beta2: Annotated[float | None, typer.Option(
@@ -255,6 +266,7 @@ def command(
                        "zero_init_projections": zero_init_projections}
     train_overrides = {"max_steps": max_steps, "time_budget": _time_budget(time_budget, max_steps),
                        "optimizer": optimizer, "muon_lr_scale": muon_lr_scale, "muon_ns_steps": muon_ns_steps,
+                       "muon_momentum": muon_momentum,
                        "warmdown": warmdown, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
@@ -262,6 +274,7 @@ def command(
                        "repeat_windows": repeat_windows,
                        "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
                        "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
+                       "muon_polar_express": muon_polar_express, "normuon_beta2": normuon_beta2,
                        "adam_eps": adam_eps, "beta2": adam_beta2, "embed_lr_scale": embed_lr_scale,
                        "head_lr_scale": head_lr_scale, "scalar_lr_scale": scalar_lr_scale, "ema_decay": ema_decay}
     # Everything that can be wrong is checked before anything is written or deleted.

@@ -126,9 +126,12 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its updates are scaled to AdamW's size)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch.optim.Muon's ns_steps)
+    muon_momentum: float = 0.95  # how much of Muon's running gradient carries over per step (Nesterov's momentum)
     time_budget: float = 0.0  # seconds; > 0: train until then (evaluation and saving included), not max_steps
     weight_decay: float = 0.1
     muon_cautious_wd: bool = False  # Muon decays only where update and weight agree in sign, the decay cosine to 0
+    muon_polar_express: bool = False  # Muon orthogonalises with Polar Express's quintics (lm.optim.POLAR_EXPRESS)
+    normuon_beta2: float = 0.0  # > 0: NorMuon evens out each neuron's update (lm.optim.normalize_neurons)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -177,14 +180,22 @@ class TrainConfig:
             raise UsageError(f"--time-budget cannot be negative, got {self.time_budget}")
         if not self.muon_lr_scale > 0:
             raise UsageError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
+        if not 0 <= self.muon_momentum < 1:
+            raise UsageError(f"--muon-momentum must be at least 0 and below 1, such as 0.95, got {self.muon_momentum}")
         if not 1 <= self.muon_ns_steps <= 20:
             raise UsageError(f"--muon-ns-steps must be 1 to 20, got {self.muon_ns_steps}")
         _choice("--warmdown-shape", self.warmdown_shape, WARMDOWN_SHAPES)
         if self.warmdown_shape != "linear" and self.warmdown == 0:
             raise UsageError(f"--warmdown-shape {self.warmdown_shape} shapes the warmdown; give --warmdown F too "
                              "(e.g. 0.5)")
-        if self.muon_cautious_wd and self.optimizer != "muon":
-            raise UsageError("--muon-cautious-wd changes Muon's weight decay; add --optimizer muon")
+        muon_options = {"--muon-cautious-wd": self.muon_cautious_wd, "--muon-polar-express": self.muon_polar_express,
+                        "--normuon-beta2": self.normuon_beta2 > 0}
+        for flag, on in muon_options.items():
+            if on and self.optimizer != "muon":
+                raise UsageError(f"{flag} is an option of Muon's; add --optimizer muon")
+        if not 0 <= self.normuon_beta2 < 1:
+            raise UsageError(f"--normuon-beta2 must be at least 0 (off) and below 1, such as 0.9, "
+                             f"got {self.normuon_beta2}")
         if not (0 < self.adam_eps < 1):
             raise UsageError(f"--adam-eps must be a small positive number such as 1e-10, got {self.adam_eps}")
         if not (0 <= self.beta2 < 1):

@@ -32,6 +32,19 @@ except ImportError:  # a PyTorch whose Muon is laid out otherwise: BatchedMuon s
     _adjust_lr = None
 # torch.optim.Muon's default quintic coefficients (a, b, c), what the precision probe iterates with.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel, Persson, Musco and Gower 2025, arXiv:2505.16932): a quintic of its own for each of
+# five iterations, each the best (minimax) for the range of singular values the ones before it leave,
+# computed for five iterations with a safety factor of 1.02 (the values modded-nanogpt's records use).
+# PyTorch's one quintic leaves singular values anywhere between about 0.7 and 1.2 (it trades accuracy for
+# speed of the first iterations); these leave them much nearer 1 in the same five iterations.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+# Its first quintic is steep: a singular value rounded just above 1 would be thrown far off, so each matrix
+# is divided by its norm times this.
+POLAR_EXPRESS_SAFETY = 1.02
 # BatchedMuon's step uses these two parts of torch.optim.Muon's own; without either it is plain Muon.
 _BATCHABLE = _adjust_lr is not None and hasattr(torch.optim.Muon, "_init_group")
 
@@ -89,9 +102,11 @@ def make_optimizers(model: nn.Module, config: TrainConfig, device: torch.device)
         adamw_group["lr"] = config.lr * adamw_group["lr_scale"]
     if hidden:
         optimizers.insert(0, BatchedMuon(hidden, lr=config.lr * config.muon_lr_scale,
-                                          weight_decay=config.weight_decay, momentum=0.95,
+                                          weight_decay=config.weight_decay, momentum=config.muon_momentum,
                                           ns_steps=config.muon_ns_steps, adjust_lr_fn="match_rms_adamw",
-                                          cautious_weight_decay=config.muon_cautious_wd))
+                                          cautious_weight_decay=config.muon_cautious_wd,
+                                          polar_express=config.muon_polar_express,
+                                          normuon_beta2=config.normuon_beta2))
         optimizers[0].param_groups[0]["lr_scale"] = config.muon_lr_scale
     return optimizers
 
@@ -112,20 +127,29 @@ class BatchedMuon(torch.optim.Muon):
     with a PyTorch whose Muon is laid out otherwise, it is plain `torch.optim.Muon`.
     """
 
-    def __init__(self, params: Any, *args: Any, cautious_weight_decay: bool = False, **kwargs: Any) -> None:
+    def __init__(self, params: Any, *args: Any, cautious_weight_decay: bool = False, polar_express: bool = False,
+                 normuon_beta2: float = 0.0, **kwargs: Any) -> None:
         """`cautious_weight_decay`: decay each weight only where its update points the same way as the weight
-        (shrinking it already), as modded-nanogpt and nanochat do; the rest are left alone (Chen et al. 2025)."""
+        (shrinking it already), as modded-nanogpt and nanochat do; the rest are left alone (Chen et al. 2025).
+        `polar_express`: orthogonalise with Polar Express's quintics (`POLAR_EXPRESS`) instead of PyTorch's one.
+        `normuon_beta2` > 0: NorMuon's per-neuron normalisation of each update (`normalize_neurons`), its
+        running mean of squares decaying by this much per step."""
         super().__init__(params, *args, **kwargs)
-        if cautious_weight_decay and not _BATCHABLE:
-            raise UsageError("--muon-cautious-wd needs the Muon of PyTorch 2.9 or later (torch.optim.Muon's "
-                             "_init_group); upgrade torch or leave the option off")
-        self.cautious_weight_decay = cautious_weight_decay
+        asked = [flag for flag, on in (("--muon-cautious-wd", cautious_weight_decay),
+                                       ("--muon-polar-express", polar_express), ("--normuon-beta2", normuon_beta2 > 0))
+                 if on]
+        if asked and not _BATCHABLE:
+            raise UsageError(f"{asked[0]} needs the Muon of PyTorch 2.9 or later (torch.optim.Muon's _init_group); "
+                             "upgrade torch or leave the option off")
+        self.cautious_weight_decay, self.polar_express, self.normuon_beta2 = (
+            cautious_weight_decay, polar_express, normuon_beta2)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         params = [p for group in self.param_groups for p in group["params"]]
         on_cpu = all(p.device.type == "cpu" for p in params)
-        if not _BATCHABLE or not (on_cpu or self.cautious_weight_decay):
+        own_arithmetic = self.cautious_weight_decay or self.polar_express or self.normuon_beta2 > 0
+        if not _BATCHABLE or not (on_cpu or own_arithmetic):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -141,10 +165,12 @@ class BatchedMuon(torch.optim.Muon):
             momentum = group["momentum"]
             torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, momentum_buffers, momentum) if group["nesterov"] else momentum_buffers
-            orthogonal = (newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"]) if on_cpu
-                          # off the CPU (cautious decay only) in bfloat16, as torch.optim.Muon's own iterations run
-                          else newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                             lambda *_: torch.bfloat16))
+            orthogonal = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       # off the CPU in bfloat16, as torch.optim.Muon's own iterations run
+                                       None if on_cpu else lambda *_: torch.bfloat16, self.polar_express)
+            if self.normuon_beta2 > 0:
+                orthogonal = [normalize_neurons(update, self.state[param], self.normuon_beta2)
+                              for param, update in zip(with_grad, orthogonal, strict=True)]
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
             if self.cautious_weight_decay:
                 for param, update in zip(with_grad, orthogonal, strict=True):
@@ -170,16 +196,20 @@ class BatchedMuon(torch.optim.Muon):
 
 
 def newton_schulz(updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
-                  eps: float, dtype: Callable[[int, int, int], torch.dtype] | None = None) -> list[torch.Tensor]:
+                  eps: float, dtype: Callable[[int, int, int], torch.dtype] | None = None,
+                  polar_express: bool = False) -> list[torch.Tensor]:
     """`torch.optim.Muon`'s orthogonalisation of each matrix, computed for each shape in one stack.
 
     As PyTorch does for one matrix: tall matrices turned on their side, each divided by its own norm
     (so its largest singular value is at most 1), then `steps` quintic iterations
     X <- a X + (b A + c A^2) X with A = X X^T, which push every singular value towards 1. PyTorch
     computes them in bfloat16; here each stack's precision is `dtype(count, rows, columns)` (default:
-    `newton_schulz_dtype`, the one this CPU computes faster).
+    `newton_schulz_dtype`, the one this CPU computes faster). With `polar_express` the iterations take
+    Polar Express's coefficients in turn (`POLAR_EXPRESS`; past the fifth, its last) instead of `coefficients`.
     """
-    a, b, c = coefficients
+    schedule = ([POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)] if polar_express
+                else [coefficients] * steps)
+    safety = POLAR_EXPRESS_SAFETY if polar_express else 1.0
     choose = dtype or newton_schulz_dtype
     tall = [u.size(0) > u.size(1) for u in updates]
     orthogonal: list[torch.Tensor] = list(updates)
@@ -188,12 +218,30 @@ def newton_schulz(updates: list[torch.Tensor], coefficients: tuple[float, float,
         lowered = [updates[i].to(precision) for i in indices]
         norms = torch._foreach_norm(lowered)  # each in its own layout, as torch.optim.Muon takes it
         x = torch.stack([u.mT if tall[i] else u for u, i in zip(lowered, indices, strict=True)])
-        x.div_(torch.stack(norms).clamp(min=eps).view(-1, 1, 1))
-        for _ in range(steps):
+        x.div_((torch.stack(norms) * safety).clamp(min=eps).view(-1, 1, 1))
+        for a, b, c in schedule:
             x = _newton_schulz_iteration(x, a, b, c)
         for i, matrix in zip(indices, x, strict=True):
             orthogonal[i] = matrix.mT if tall[i] else matrix
     return orthogonal
+
+
+def normalize_neurons(update: torch.Tensor, state: dict[str, Any], beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al. 2025, arXiv:2510.05491): the orthogonalised update with each neuron's share evened out.
+
+    Orthogonalising makes every direction of a matrix move alike, but not every neuron (a row of a tall
+    matrix, a column of a wide one: the units along its longer side): some still get much larger updates
+    than others. NorMuon keeps a running mean of each neuron's mean squared update (`state`'s
+    "normuon_second_moment", decaying by `beta2` per step, as Adam's second moment does per weight), divides
+    each neuron's update by its root, and scales the whole matrix back to the norm it had, so the step's
+    size (and Muon's learning rate) is unchanged.
+    """
+    dim = -1 if update.size(-2) >= update.size(-1) else -2
+    mean_square = update.square().mean(dim=dim, keepdim=True)
+    second_moment = state.setdefault("normuon_second_moment", torch.zeros_like(mean_square))
+    second_moment.lerp_(mean_square, 1 - beta2)
+    evened = update * second_moment.clamp(min=1e-10).rsqrt()
+    return evened * (update.norm() / evened.norm().clamp(min=1e-10))
 
 
 def stacks(shapes: list[torch.Size]) -> dict[tuple[int, int], list[int]]:

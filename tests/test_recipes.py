@@ -39,8 +39,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest() -> None:
     assert len(make_optimizers(model, TrainConfig(), torch.device("cpu"))) == 1
 
 
-def _one_matrix_at_a_time(updates: list[torch.Tensor], *args: Any) -> list[torch.Tensor]:
-    return [_zeropower_via_newtonschulz(u, *args) for u in updates]
+def _one_matrix_at_a_time(updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                          eps: float, *_: Any) -> list[torch.Tensor]:
+    return [_zeropower_via_newtonschulz(u, coefficients, steps, eps) for u in updates]
 
 
 @pytest.mark.parametrize("nesterov", [True, False])

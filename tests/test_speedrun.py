@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -31,7 +32,17 @@ from lm.gguf import gguf_tensors
 from lm.hf import UNEXPORTABLE, family, fold_qk_gain
 from lm.loss import head_cross_entropy, soft_cap
 from lm.model import GPT, NO_TOKEN, KVCache, bigram_buckets, has_value_embedding
-from lm.optim import BatchedMuon, WeightAverage, lr_at, make_optimizers, muon_weight_decay_at, set_lr
+from lm.optim import (
+    NS_COEFFICIENTS,
+    BatchedMuon,
+    WeightAverage,
+    lr_at,
+    make_optimizers,
+    muon_weight_decay_at,
+    newton_schulz,
+    normalize_neurons,
+    set_lr,
+)
 from lm.sampling import SamplingConfig
 
 QWEN3 = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True}
@@ -337,8 +348,75 @@ def test_cautious_weight_decay_decays_only_where_the_update_agrees_and_falls_to_
     config_ = TrainConfig(optimizer="muon", muon_cautious_wd=True, weight_decay=0.2, max_steps=100)
     assert [muon_weight_decay_at(s, config_) for s in (0, 50, 100)] == pytest.approx([0.2, 0.1, 0.0])
     assert muon_weight_decay_at(50, dataclasses.replace(config_, muon_cautious_wd=False)) == 0.2
-    with pytest.raises(UsageError, match="--muon-cautious-wd changes Muon's weight decay; add --optimizer muon"):
+    with pytest.raises(UsageError, match="--muon-cautious-wd is an option of Muon's; add --optimizer muon"):
         TrainConfig(muon_cautious_wd=True).validate()
+
+
+def test_polar_express_orthogonalises_more_exactly_in_the_same_five_iterations() -> None:
+    generator = torch.Generator().manual_seed(3)
+    # Singular values spread over three decades, as a gradient's are; one matrix tall, one wide.
+    updates = [torch.randn(48, 16, generator=generator) @ torch.diag(torch.logspace(-3, 0, 16)),
+               torch.diag(torch.logspace(0, -3, 24)) @ torch.randn(24, 64, generator=generator)]
+    in_float32 = lambda *stack: torch.float32  # noqa: E731
+    fixed = newton_schulz(updates, NS_COEFFICIENTS, 5, 1e-7, in_float32)
+    polar = newton_schulz(updates, NS_COEFFICIENTS, 5, 1e-7, in_float32, polar_express=True)
+    for update, ours, theirs in zip(updates, polar, fixed, strict=True):
+        assert ours.shape == update.shape
+        # The same left and right singular vectors: X = U S V^T becomes U p(S) V^T, p acting on each value.
+        u, _, vh = torch.linalg.svd(update.double(), full_matrices=False)
+        for result in (ours, theirs):
+            core = u.mT @ result.double() @ vh.mT
+            assert (core - torch.diag_embed(core.diagonal())).abs().max() < 1e-3
+        polar_values, fixed_values = (torch.linalg.svdvals(r) for r in (ours, theirs))
+        # Every value ends nearer 1 (the fixed quintic leaves them between ~0.3 and 1.2 here).
+        assert fixed_values.min() < polar_values.min() and polar_values.max() < fixed_values.max() < 1.2
+        assert (polar_values - 1).abs().mean() < 0.7 * (fixed_values - 1).abs().mean()
+    # Past the fifth iteration its last quintic repeats, which brings them all to within 0.1 of 1.
+    seventh = newton_schulz(updates, NS_COEFFICIENTS, 7, 1e-7, in_float32, polar_express=True)
+    assert all((torch.linalg.svdvals(r) - 1).abs().max() < 0.1 for r in seventh)
+
+
+def test_normuon_evens_out_each_neurons_update_and_keeps_the_matrix_norm() -> None:
+    generator = torch.Generator().manual_seed(4)
+    tall, wide = torch.randn(12, 4, generator=generator), torch.randn(4, 12, generator=generator)
+    tall[0] *= 10  # one neuron's update ten times the others'
+    for update, neurons in ((tall, 0), (wide, 1)):  # a tall matrix's neurons are its rows, a wide one's its columns
+        state: dict = {}
+        first = normalize_neurons(update, state, beta2=0.9)
+        assert torch.linalg.matrix_norm(first) == pytest.approx(torch.linalg.matrix_norm(update).item(), rel=1e-5)
+        root_mean_square = first.square().mean(dim=1 - neurons).sqrt()
+        torch.testing.assert_close(root_mean_square, root_mean_square.mean().expand_as(root_mean_square))
+        second_moment = state["normuon_second_moment"]
+        torch.testing.assert_close(second_moment.flatten(), 0.1 * update.square().mean(dim=1 - neurons))
+        # A second update is divided by the root of the running mean of both, then brought back to its norm.
+        again = torch.randn(update.shape, generator=generator)
+        expected_moment = 0.9 * second_moment + 0.1 * again.square().mean(dim=1 - neurons, keepdim=True)
+        evened = again / expected_moment.sqrt()
+        expected = evened * torch.linalg.matrix_norm(again) / torch.linalg.matrix_norm(evened)
+        torch.testing.assert_close(normalize_neurons(again, state, beta2=0.9), expected)
+
+
+def test_muon_with_polar_express_and_normuon_saves_its_state_and_resumes_exactly() -> None:
+    """The running means are part of Muon's state: a resumed run steps exactly as an unbroken one."""
+    torch.manual_seed(0)
+    model = GPT(config(n_layer=2))
+    train = TrainConfig(optimizer="muon", muon_polar_express=True, normuon_beta2=0.9, muon_momentum=0.9).validate()
+    models = [model, copy.deepcopy(model)]
+    unbroken, resumed = (make_optimizers(m, train, torch.device("cpu"))[0] for m in models)
+    assert isinstance(unbroken, BatchedMuon) and unbroken.polar_express and unbroken.normuon_beta2 == 0.9
+    assert unbroken.param_groups[0]["momentum"] == 0.9
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        if step == 2:
+            resumed.load_state_dict(copy.deepcopy(resumed.state_dict()))
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        unbroken.step()
+        resumed.step()
+    assert all("normuon_second_moment" in state for state in resumed.state_dict()["state"].values())
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_1_sqrt_warmdown_holds_longer_then_falls_to_the_same_floor() -> None:
@@ -417,6 +495,10 @@ def test_config_errors_name_the_option() -> None:
             config(**changes).validate()
     for changes, message in (({"adam_eps": 0.0}, "--adam-eps"), ({"ema_decay": 1.0}, "--ema-decay must be in"),
                              ({"beta2": 1.0}, "--adam-beta2 must be at least 0 and below 1"),
+                             ({"optimizer": "muon", "normuon_beta2": 1.0}, "--normuon-beta2 must be at least 0"),
+                             ({"muon_momentum": 1.0}, "--muon-momentum must be at least 0 and below 1"),
+                             ({"normuon_beta2": 0.9}, "--normuon-beta2 is an option of Muon's; add --optimizer muon"),
+                             ({"muon_polar_express": True}, "--muon-polar-express is an option of Muon's"),
                              ({"embed_lr_scale": 0.0}, "--embed-lr-scale must be a positive"),
                              ({"warmdown_shape": "cosine"}, "--warmdown-shape 'cosine' is not one of")):
         with pytest.raises(UsageError, match=message):
@@ -431,7 +513,8 @@ EVERY_OPTION = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu"
                 "--bigram-buckets", "64", "--qk-gain", "1.2", "--head-init-std", "0.001", "--zero-init-proj",
                 "--optimizer", "muon", "--warmdown", "0.5", "--warmdown-shape", "1-sqrt", "--muon-cautious-wd",
                 "--adam-eps", "1e-10", "--embed-lr-scale", "5", "--head-lr-scale", "0.5", "--scalar-lr-scale", "2",
-                "--ema-decay", "0.9", "--adam-beta2", "0.98"]
+                "--ema-decay", "0.9", "--adam-beta2", "0.98", "--muon-polar-express", "--normuon-beta2", "0.9",
+                "--muon-momentum", "0.9"]
 SMALL = ["-T", "16", "--n-layer", "2", "--n-head", "2", "--d-model", "16", "-B", "4", "--vocab-size", "300",
          "--eval-every", "6", "--log-every", "3", "--sample-tokens", "4", "--device", "cpu"]
 
@@ -448,8 +531,9 @@ def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tm
     saved = rundir.read_config(run)
     assert saved.model.techniques() == ["--residual-scalars", "--logit-softcap", "--value-embeddings", "--smear",
                                         "--bigram-buckets", "--qk-gain"]
-    assert (saved.train.ema_decay, saved.train.warmdown_shape, saved.train.adam_eps, saved.train.beta2) == (
-        0.9, "1-sqrt", 1e-10, 0.98)
+    assert (saved.train.ema_decay, saved.train.warmdown_shape, saved.train.adam_eps, saved.train.beta2,
+            saved.train.muon_polar_express, saved.train.normuon_beta2, saved.train.muon_momentum) == (
+        0.9, "1-sqrt", 1e-10, 0.98, True, 0.9, 0.9)
     final = [r for r in rundir.read_metrics(run) if "val_loss" in r][-1]
     # The held-out text scored from the saved weights (the average) gives what the run's last evaluation did.
     scored = run_lm("eval", run, "--text", tmp_path / "val.txt", "--format", "json")
