@@ -119,6 +119,9 @@ RECIPES: dict[str, list[str]] = {
     "defaults before sweep 23 (Muon lr x1, weight decay 0.5, beta2 0.95)": ["--muon-lr-scale", "1", "--weight-decay",
                                                                             "0.5", "--adam-beta2", "0.95"],
     "defaults, beta2 0.95 (sweep 23's first round)": ["--adam-beta2", "0.95"],
+    # Sweep 24: since then the preset orthogonalises Muon's updates with Polar Express's quintics and evens
+    # them out over the neurons (NorMuon, beta2 0.9).
+    "defaults before sweep 24 (PyTorch's quintic, no NorMuon)": ["--no-muon-polar-express", "--normuon-beta2", "0"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
 # Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).

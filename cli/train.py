@@ -785,8 +785,10 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
     compiled = ", compiled" if config.compile else ""
     length = (f"{config.time_budget:,.0f} s of steps (evaluation and saving included)" if config.time_budget
               else f"{config.max_steps:,} steps")
-    optimizer = (f"{config.optimizer} (Muon lr x {config.muon_lr_scale:g}, {config.muon_ns_steps} Newton-Schulz steps)"
-                 if config.optimizer == "muon" else "adamw")
+    iterations = "Polar Express" if config.muon_polar_express else "Newton-Schulz"
+    normuon = f", NorMuon {config.normuon_beta2:g}" if config.normuon_beta2 else ""
+    optimizer = (f"{config.optimizer} (Muon lr x {config.muon_lr_scale:g}, {config.muon_ns_steps} {iterations} steps"
+                 f"{normuon})" if config.optimizer == "muon" else "adamw")
     console.print(
         f"Training: {length} x {trainer.tokens_per_step:,} tokens (batch {config.batch_size}"
         + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")
