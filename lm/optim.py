@@ -234,8 +234,10 @@ def normalize_neurons(update: torch.Tensor, state: dict[str, Any], beta2: float)
     than others. NorMuon keeps a running mean of each neuron's mean squared update (`state`'s
     "normuon_second_moment", decaying by `beta2` per step, as Adam's second moment does per weight), divides
     each neuron's update by its root, and scales the whole matrix back to the norm it had, so the step's
-    size (and Muon's learning rate) is unchanged.
+    size (and Muon's learning rate) is unchanged. In float32 whatever the update's precision: the running
+    mean outlives a step whose iterations ran in bfloat16, and a resumed run may measure another precision.
     """
+    update = update.float()
     dim = -1 if update.size(-2) >= update.size(-1) else -2
     mean_square = update.square().mean(dim=dim, keepdim=True)
     second_moment = state.setdefault("normuon_second_moment", torch.zeros_like(mean_square))

@@ -394,6 +394,9 @@ def test_normuon_evens_out_each_neurons_update_and_keeps_the_matrix_norm() -> No
         evened = again / expected_moment.sqrt()
         expected = evened * torch.linalg.matrix_norm(again) / torch.linalg.matrix_norm(evened)
         torch.testing.assert_close(normalize_neurons(again, state, beta2=0.9), expected)
+    # An update orthogonalised in bfloat16 (the precision is measured per process) joins a float32 running mean.
+    lowered = normalize_neurons(tall.bfloat16(), state := {"normuon_second_moment": torch.ones(12, 1)}, beta2=0.9)
+    assert lowered.dtype == state["normuon_second_moment"].dtype == torch.float32
 
 
 def test_muon_with_polar_express_and_normuon_saves_its_state_and_resumes_exactly() -> None:
