@@ -41,6 +41,8 @@ def step_timer(row: str, args: argparse.Namespace) -> tuple[Callable[[], float],
     chosen = preset(args.preset)
     model_config = dataclasses.replace(chosen.model, **args.model_changes)
     config = dataclasses.replace(chosen.train, optimizer=ROWS[row])
+    if row == "muon, one matrix at a time":  # torch.optim.Muon's own arithmetic: its quintic, no NorMuon
+        config = dataclasses.replace(config, muon_polar_express=False, normuon_beta2=0.0)
     torch.manual_seed(0)
     model = GPT(model_config)
     optimizers = make_optimizers(model, config, torch.device("cpu"))

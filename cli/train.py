@@ -282,6 +282,8 @@ def command(
                      text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,
                      model_overrides=model_overrides, train_overrides=train_overrides)
     _check_plan(plan, nproc, optimizer_given=optimizer is not None, ema_given=ema_decay is not None,
+                muon_update_given={name for name, value in (("muon_polar_express", muon_polar_express),
+                                                            ("normuon_beta2", normuon_beta2)) if value is not None},
                 console=stderr())
     from lm.distributed import launched_by_torchrun
 
@@ -386,10 +388,11 @@ def _plan_run(out: Path, paths: list[str] | None, *, val: list[str] | None, toke
                    init_from, init_weights, saved, resumed_model)
 
 
-def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, ema_given: bool, console: Console) -> None:
+def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, ema_given: bool, muon_update_given: set[str],
+                console: Console) -> None:
     """Validate the configs and the process count; under FSDP the preset's Muon gives way to AdamW and its
-    weight average is left out."""
-    from lm.config import MUON_UNDER_FSDP, check_together
+    weight average is left out; without Muon, the preset's refinements of Muon's update are too."""
+    from lm.config import MUON_UNDER_FSDP, TrainConfig, check_together
     from lm.distributed import launched_by_torchrun
     from lm.errors import UsageError
 
@@ -405,6 +408,9 @@ def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, ema_given: 
         if not launched_by_torchrun():
             console.print("note: --fsdp shards the weights the preset's average (--ema-decay) keeps whole, so "
                           "this run keeps none (it needs --ddp)")
+    if train.optimizer != "muon" and not plan.resume:  # the preset's refinements of Muon's update, unless asked for
+        for name in {"muon_polar_express", "normuon_beta2"} - muon_update_given:
+            setattr(train, name, getattr(TrainConfig(), name))
     if train.fsdp and train.optimizer == "muon" and nproc > 1:
         raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start
     train.validate()

@@ -522,6 +522,18 @@ SMALL = ["-T", "16", "--n-layer", "2", "--n-head", "2", "--d-model", "16", "-B",
          "--eval-every", "6", "--log-every", "3", "--sample-tokens", "4", "--device", "cpu"]
 
 
+def test_the_presets_refinements_of_muon_give_way_to_adamw_unless_asked_for(tmp_path: Path) -> None:
+    """The tiny preset's Polar Express and NorMuon are Muon's: --optimizer adamw leaves them out, naming one refuses."""
+    run = tmp_path / "run"
+    adamw = run_lm("train", SAMPLE, "--out", run, "--max-steps", "2", *SMALL, "--optimizer", "adamw")
+    assert adamw.returncode == 0, adamw.stderr
+    saved = rundir.read_config(run).train
+    assert (saved.optimizer, saved.muon_polar_express, saved.normuon_beta2) == ("adamw", False, 0.0)
+    assert_one_line_error(run_lm("train", SAMPLE, "--out", tmp_path / "refused", "--max-steps", "2", *SMALL,
+                                 "--optimizer", "adamw", "--normuon-beta2", "0.9"),
+                          "--normuon-beta2 is an option of Muon's; add --optimizer muon")
+
+
 def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tmp_path: Path) -> None:
     text = SAMPLE.read_text(encoding="utf-8")
     cut = text.index("\n", len(text) * 9 // 10) + 1
