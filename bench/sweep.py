@@ -122,6 +122,8 @@ RECIPES: dict[str, list[str]] = {
     # Sweep 24: since then the preset orthogonalises Muon's updates with Polar Express's quintics and evens
     # them out over the neurons (NorMuon, beta2 0.9).
     "defaults before sweep 24 (PyTorch's quintic, no NorMuon)": ["--no-muon-polar-express", "--normuon-beta2", "0"],
+    # Sweep 25: since then the preset reads its training windows in epochs (every token once per epoch).
+    "defaults before sweep 25 (random windows)": ["--windows", "random"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
 # Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).

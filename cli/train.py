@@ -74,6 +74,10 @@ def command(
         help="Without --val: share of the text's bytes (the last, cut at a line end) kept for validation, "
              "set aside before the tokenizer is trained.")
     ] = None,
+    windows: Annotated[str | None, typer.Option(
+        "--windows", metavar="ORDER", rich_help_panel=DATA,
+        help="epochs | random: training windows read every token once per epoch (tiled from a random phase, "
+             "shuffled), or start anywhere (nanoGPT's way).")] = None,
     repeat_windows: Annotated[float | None, typer.Option(
         "--repeat-windows", metavar="SHARE", rich_help_panel=DATA, show_default=False,
         help="Make this share of the training windows a passage (of a random length up to half the context) "
@@ -271,7 +275,7 @@ def command(
                        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "grad_clip": grad_clip,
                        "eval_every": eval_every, "eval_batches": eval_batches, "log_every": log_every,
                        "save_every": save_every, "sample_tokens": sample_tokens, "track_heads": track_heads,
-                       "repeat_windows": repeat_windows,
+                       "repeat_windows": repeat_windows, "windows": windows,
                        "val_fraction": val_fraction, "seed": seed, "device": device, "dtype": dtype, "compile": compile,
                        "fsdp": fsdp, "warmdown_shape": warmdown_shape, "muon_cautious_wd": muon_cautious_wd,
                        "muon_polar_express": muon_polar_express, "normuon_beta2": normuon_beta2,

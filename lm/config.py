@@ -20,6 +20,7 @@ MLPS = ("gelu", "swiglu", "relu2", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+WINDOW_ORDERS = ("epochs", "random")  # how lm.data.BatchSampler draws training windows
 WARMDOWN_SHAPES = ("linear", "1-sqrt")
 DEFAULT_INIT_STD = 0.02  # GPT-2's: every weight matrix and embedding starts at this standard deviation
 MUON_UNDER_FSDP = ("--optimizer muon orthogonalises whole weight matrices, which --fsdp shards; train with DDP "
@@ -147,6 +148,9 @@ class TrainConfig:
     sample_tokens: int = 48
     track_heads: bool = False  # record head detectors and the in-context score at each evaluation (lm.heads)
     repeat_windows: float = 0.0  # this share of training windows is a passage given twice (lm.data)
+    # epochs | random: each epoch reads every token once, or each window starts anywhere (lm.data.BatchSampler).
+    # "random" here, the order of runs saved before there was a choice; the tiny preset reads in epochs.
+    windows: str = "random"
     val_fraction: float = 0.05
     seed: int = 1337
     device: str = "auto"
@@ -158,6 +162,7 @@ class TrainConfig:
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _choice("--windows", self.windows, WINDOW_ORDERS)
         for flag, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size),
                             ("--grad-accum", self.grad_accum), ("--eval-every", self.eval_every),
                             ("--eval-batches", self.eval_batches), ("--log-every", self.log_every)):
@@ -343,7 +348,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             {"n_layer": 3, "n_head": 4, "d_model": 128, "context_length": 128, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 600, "batch_size": 16, "lr": 4e-3, "optimizer": "muon", "warmup_steps": 50,
              "warmdown": 0.5, "weight_decay": 1.0, "muon_lr_scale": 1.4, "beta2": 0.99, "ema_decay": 0.99,
-             "muon_polar_express": True, "normuon_beta2": 0.9, "eval_every": 150, "eval_batches": 8, "log_every": 20}),
+             "muon_polar_express": True, "normuon_beta2": 0.9, "windows": "epochs",
+             "eval_every": 150, "eval_batches": 8, "log_every": 20}),
     _preset("small", "about 14M parameters: hours on a CPU, minutes on a GPU",
             {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, **FAMILY_DESIGNS["qwen3"]},
             {"max_steps": 5000, "batch_size": 32, "lr": 2e-3, "optimizer": "muon", "warmup_steps": 200,

@@ -208,7 +208,8 @@ class Trainer:
         # A gradient scaler keeps small fp16 gradients from underflowing; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.sampler = BatchSampler(setup.splits.train, setup.model_config.context_length, config.seed,
-                                    learned=setup.splits.train_mask, repeat_share=config.repeat_windows)
+                                    learned=setup.splits.train_mask, repeat_share=config.repeat_windows,
+                                    order=config.windows)
         self.checkpoints = Checkpoints(self, config.checkpoint_every)
         self.step, self.elapsed_s, self.tokens_seen = 0, 0.0, 0
         if resumed is not None:
