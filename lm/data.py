@@ -327,7 +327,7 @@ class BatchSampler:
     token has been read k times on average but, by chance, some never and others twice as often (Poisson:
     at 4 passes, 2% not once and 21% six times or more). On a small text seen several times over the evenly
     read one trains better (docs/benchmarks.md, sweep 25). An epoch's phase and order come from the seed and
-    the epoch's number, so the state is two counters, and every process of a multi-process run, which
+    the epoch's number, so the state is the seed and two counters, and every process of a multi-process run, which
     draws the whole global batch and keeps its slice, draws the same.
 
     With `repeat_share` > 0 that share of the windows (drawn at random) is a passage and the same passage
@@ -401,13 +401,15 @@ class BatchSampler:
         return torch.cat(taken)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state(), "epoch": torch.tensor(self.epoch),
-                "served": torch.tensor(self.served)}
+        return {"generator": self.generator.get_state(), "seed": torch.tensor(self.seed),
+                "epoch": torch.tensor(self.epoch), "served": torch.tensor(self.served)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         # A checkpoint from before epochs were kept (random windows only) starts them afresh.
+        self.seed = int(state.get("seed", self.seed))
         self.epoch, self.served = int(state.get("epoch", 0)), int(state.get("served", 0))
+        self._epoch_starts = None
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:

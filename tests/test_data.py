@@ -75,23 +75,53 @@ def test_split_text_keeps_validation_out_of_training(tmp_path: Path) -> None:
     assert tail.record["fraction"] == 0.3 and tail.val.total_bytes + tail.train.total_bytes == 14
 
 
-def test_batches_are_shifted_windows_and_resume_exactly() -> None:
+@pytest.mark.parametrize("order", ["random", "epochs"])
+def test_batches_are_shifted_windows_and_resume_exactly(order: str) -> None:
     tokens = torch.arange(500, dtype=torch.int32)
-    sampler = BatchSampler(tokens, context_length=8, seed=3)
+    sampler = BatchSampler(tokens, context_length=8, seed=3, order=order)
     inputs, targets = sampler.next_batch(4)
     assert inputs.shape == targets.shape == (4, 8) and inputs.dtype == torch.long
     assert torch.equal(targets, inputs + 1)  # the next token, at every position
+    for _ in range(20):  # into the second epoch (61 windows of 8 in 500 tokens), then stop mid-way
+        sampler.next_batch(4)
     state = sampler.state_dict()
-    expected = sampler.next_batch(4)
-    other = BatchSampler(tokens, context_length=8, seed=99)
+    expected = [sampler.next_batch(4) for _ in range(20)]
+    other = BatchSampler(tokens, context_length=8, seed=99, order=order)  # the state brings the seed
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(other.next_batch(4), expected, strict=True))
+    for batch, wanted in zip((other.next_batch(4) for _ in range(20)), expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(batch, wanted, strict=True))
 
 
-def test_each_rank_takes_its_slice_of_the_same_global_batch() -> None:
+def test_an_epoch_reads_every_token_once_from_a_phase_of_its_own() -> None:
+    tokens = torch.arange(1_000, dtype=torch.int32)  # a token's id is its place in the text
+    sampler = BatchSampler(tokens, context_length=10, seed=7, order="epochs")
+    phases, orders = set(), []
+    for epoch in range(6):
+        starts = sampler.epoch_starts(epoch, len(tokens) - 10)
+        phase = int(starts.min())
+        # Windows every 10 tokens from the phase to the end, each once: the text between them read once.
+        assert torch.equal(starts.sort().values, torch.arange(phase, 990, 10))
+        phases.add(phase)
+        orders.append(starts)
+    assert len(phases) > 2  # epoch after epoch the windows start elsewhere
+    assert not torch.equal(orders[0][:5], orders[1][:5])  # and come in another order
+    served = torch.cat([sampler.next_batch(7)[0][:, 0] for _ in range(30)])  # 210 windows: into epoch 3
+    first, second = (len(orders[0]), len(orders[1]))
+    assert torch.equal(served[:first], orders[0])  # a batch may span two epochs: the next one just begins
+    assert torch.equal(served[first:first + second], orders[1])
+    assert (sampler.epoch, sampler.served) == (2, 210 - first - second)
+    fresh = BatchSampler(tokens, context_length=10, seed=7, order="epochs")
+    fresh.load_state_dict({"generator": fresh.generator.get_state()})  # a checkpoint from before epochs were kept
+    assert (fresh.epoch, fresh.served) == (0, 0)
+    with pytest.raises(ValueError, match="order must be one of"):
+        BatchSampler(tokens, context_length=10, seed=7, order="shuffled")
+
+
+@pytest.mark.parametrize("order", ["random", "epochs"])
+def test_each_rank_takes_its_slice_of_the_same_global_batch(order: str) -> None:
     tokens = torch.arange(10_000, dtype=torch.int32)
-    whole, _ = BatchSampler(tokens, 16, seed=5).next_batch(8)
-    halves = [BatchSampler(tokens, 16, seed=5).next_batch(4, rank=r, world_size=2)[0] for r in (0, 1)]
+    whole, _ = BatchSampler(tokens, 16, seed=5, order=order).next_batch(8)
+    halves = [BatchSampler(tokens, 16, seed=5, order=order).next_batch(4, rank=r, world_size=2)[0] for r in (0, 1)]
     assert torch.equal(torch.cat(halves), whole)
 
 
@@ -114,9 +144,10 @@ def test_repeated_windows_are_a_passage_twice_and_plain_ones_unchanged() -> None
     assert (always[:, 1:] != always[:, :-1] + 1).any(dim=1).all()
 
 
-def test_windows_reach_the_last_token() -> None:
+@pytest.mark.parametrize("order", ["random", "epochs"])
+def test_windows_reach_the_last_token(order: str) -> None:
     tokens = torch.arange(20, dtype=torch.int32)
-    sampler = BatchSampler(tokens, context_length=18, seed=0)
+    sampler = BatchSampler(tokens, context_length=18, seed=0, order=order)
     seen = torch.cat([sampler.next_batch(64)[1] for _ in range(4)])
     assert seen.max() == 19 and seen.min() >= 1
 
