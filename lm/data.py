@@ -327,8 +327,8 @@ class BatchSampler:
     token has been read k times on average but, by chance, some never and others twice as often (Poisson:
     at 4 passes, 2% not once and 21% six times or more). On a small text seen several times over the evenly
     read one trains better (docs/benchmarks.md, sweep 25). An epoch's phase and order come from the seed and
-    the epoch's number, so the state is the seed and two counters, and every process of a multi-process run, which
-    draws the whole global batch and keeps its slice, draws the same.
+    the epoch's number, so the state is the seed and two counters, and every process of a multi-process
+    run, which draws the whole global batch and keeps its slice, draws the same.
 
     With `repeat_share` > 0 that share of the windows (drawn at random) is a passage and the same passage
     again, the text going on after the copy. Each window draws its passage's length, from a sixteenth of the
