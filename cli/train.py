@@ -804,6 +804,7 @@ def _describe_start(console: Console, trainer: Trainer) -> None:
         + (f" over {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else "")
         + f" x accum {config.grad_accum} x context {shape.context_length}), {optimizer}, lr {config.lr:g}, on "
         f"{trainer.device.type} in {precision}{compiled}"
+        + ("; windows read in epochs (--windows)" if config.windows == "epochs" else "")
         + (f"; saves the weights' average (--ema-decay {config.ema_decay:g})" if config.ema_decay else "")
         + (f"; {config.repeat_windows:.0%} of the windows a passage given twice (--repeat-windows)"
            if config.repeat_windows else "")

@@ -543,7 +543,8 @@ def test_lm_train_with_every_option_trains_scores_what_it_saved_and_generates(tm
     result = run_lm("train", tmp_path / "train.txt", "--val", tmp_path / "val.txt", "--out", run, "--max-steps", "6",
                     *SMALL, *EVERY_OPTION)
     assert result.returncode == 0, result.stderr
-    assert "5 Polar Express steps, NorMuon 0.9)" in " ".join((result.stdout + result.stderr).split())
+    printed = " ".join((result.stdout + result.stderr).split())
+    assert "5 Polar Express steps, NorMuon 0.9)" in printed and "windows read in epochs (--windows)" in printed
     saved = rundir.read_config(run)
     assert saved.model.techniques() == ["--residual-scalars", "--logit-softcap", "--value-embeddings", "--smear",
                                         "--bigram-buckets", "--qk-gain"]
