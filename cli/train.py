@@ -30,6 +30,8 @@ MODEL = "Model"
 OPTIMIZER = "Optimizer and schedule"
 EVALUATION = "Evaluation and logging"
 HARDWARE = "Hardware"
+# Refinements of Muon's update a preset may turn on: a run that trains with AdamW leaves them out unless given.
+PRESET_MUON_REFINEMENTS = ("muon_polar_express", "normuon_beta2")
 
 
 def command(
@@ -286,8 +288,7 @@ def command(
                      text_field=text_field, val_fraction=val_fraction, init_from=init_from, resume=resume, force=force,
                      model_overrides=model_overrides, train_overrides=train_overrides)
     _check_plan(plan, nproc, optimizer_given=optimizer is not None, ema_given=ema_decay is not None,
-                muon_update_given={name for name, value in (("muon_polar_express", muon_polar_express),
-                                                            ("normuon_beta2", normuon_beta2)) if value is not None},
+                muon_update_given={name for name in PRESET_MUON_REFINEMENTS if train_overrides[name] is not None},
                 console=stderr())
     from lm.distributed import launched_by_torchrun
 
@@ -413,7 +414,7 @@ def _check_plan(plan: RunPlan, nproc: int, *, optimizer_given: bool, ema_given: 
             console.print("note: --fsdp shards the weights the preset's average (--ema-decay) keeps whole, so "
                           "this run keeps none (it needs --ddp)")
     if train.optimizer != "muon" and not plan.resume:  # the preset's refinements of Muon's update, unless asked for
-        for name in {"muon_polar_express", "normuon_beta2"} - muon_update_given:
+        for name in set(PRESET_MUON_REFINEMENTS) - muon_update_given:
             setattr(train, name, getattr(TrainConfig(), name))
     if train.fsdp and train.optimizer == "muon" and nproc > 1:
         raise UsageError(MUON_UNDER_FSDP)  # here, once, rather than from every process it would start

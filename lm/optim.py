@@ -143,13 +143,13 @@ class BatchedMuon(torch.optim.Muon):
                              "upgrade torch or leave the option off")
         self.cautious_weight_decay, self.polar_express, self.normuon_beta2 = (
             cautious_weight_decay, polar_express, normuon_beta2)
+        self.own_arithmetic = bool(asked)  # off the CPU too, this step (not torch.optim.Muon's) computes them
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         params = [p for group in self.param_groups for p in group["params"]]
         on_cpu = all(p.device.type == "cpu" for p in params)
-        own_arithmetic = self.cautious_weight_decay or self.polar_express or self.normuon_beta2 > 0
-        if not _BATCHABLE or not (on_cpu or own_arithmetic):
+        if not _BATCHABLE or not (on_cpu or self.own_arithmetic):
             return super().step(closure)
         loss = None
         if closure is not None:
