@@ -124,6 +124,9 @@ RECIPES: dict[str, list[str]] = {
     "defaults before sweep 24 (PyTorch's quintic, no NorMuon)": ["--no-muon-polar-express", "--normuon-beta2", "0"],
     # Sweep 25: since then the preset reads its training windows in epochs (every token once per epoch).
     "defaults before sweep 25 (random windows)": ["--windows", "random"],
+    # Sweep 26: with the text read evenly the preset overfits less, so its weight decay was tried again.
+    "defaults, weight decay 0.7": ["--weight-decay", "0.7"],
+    "defaults, weight decay 1.5": ["--weight-decay", "1.5"],
 }
 # The recipes of sweep 15 (docs/benchmarks.md) that beat the preset, together: the weight average and
 # Muon's cautious weight decay (every other technique lost, by 0.007 to 0.15 bits/byte).
