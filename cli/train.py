@@ -461,6 +461,9 @@ def _train(plan: RunPlan) -> TrainOutcome:
         outcome = _run_with_progress(trainer, console)
         if context.is_main:
             _describe_end(outcome, plan.out)
+        # Every process waits until all are done before any tears the group down: once, in CI, gloo aborted a
+        # two-process --fsdp run ("terminate called without an active exception") before process 0 had closed.
+        distributed.barrier(context)
     finally:
         distributed.shutdown(context)
     return outcome
