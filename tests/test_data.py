@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import SAMPLE
 
+from lm.config import WINDOW_ORDERS
 from lm.data import (
     BatchSampler,
     Splits,
@@ -75,7 +76,7 @@ def test_split_text_keeps_validation_out_of_training(tmp_path: Path) -> None:
     assert tail.record["fraction"] == 0.3 and tail.val.total_bytes + tail.train.total_bytes == 14
 
 
-@pytest.mark.parametrize("order", ["random", "epochs"])
+@pytest.mark.parametrize("order", WINDOW_ORDERS)
 def test_batches_are_shifted_windows_and_resume_exactly(order: str) -> None:
     tokens = torch.arange(500, dtype=torch.int32)
     sampler = BatchSampler(tokens, context_length=8, seed=3, order=order)
@@ -117,7 +118,7 @@ def test_an_epoch_reads_every_token_once_from_a_phase_of_its_own() -> None:
         BatchSampler(tokens, context_length=10, seed=7, order="shuffled")
 
 
-@pytest.mark.parametrize("order", ["random", "epochs"])
+@pytest.mark.parametrize("order", WINDOW_ORDERS)
 def test_each_rank_takes_its_slice_of_the_same_global_batch(order: str) -> None:
     tokens = torch.arange(10_000, dtype=torch.int32)
     whole, _ = BatchSampler(tokens, 16, seed=5, order=order).next_batch(8)
@@ -144,7 +145,7 @@ def test_repeated_windows_are_a_passage_twice_and_plain_ones_unchanged() -> None
     assert (always[:, 1:] != always[:, :-1] + 1).any(dim=1).all()
 
 
-@pytest.mark.parametrize("order", ["random", "epochs"])
+@pytest.mark.parametrize("order", WINDOW_ORDERS)
 def test_windows_reach_the_last_token(order: str) -> None:
     tokens = torch.arange(20, dtype=torch.int32)
     sampler = BatchSampler(tokens, context_length=18, seed=0, order=order)
